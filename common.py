@@ -1,0 +1,801 @@
+"""Plumbing shared by the stage scripts: records, boxes, prompts, model loading, batching, the distributed
+runtime, checkpoints and logging. Each stage's algorithm lives in its own script; nothing here trains.
+
+Sections, in order: records (JSONL) | boxes | prompts | model and processor | examples and batches |
+runtime (launchers, optimizer, schedule) | checkpoints | logging.
+"""
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+# Torch ranks on CPU each default to all cores and then fight over them (10x slower steps): one thread per
+# rank unless the user chose. Must run before torch is imported.
+if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file and line, or the record."""
+
+
+# ----------------------------------------------------------------------------------------------- records
+
+def read_jsonl(path):
+    """All objects of a JSONL file; a malformed line raises DataError naming file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def write_jsonl(path, rows):
+    """Write rows atomically: a reader never sees a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def validate_record(rec, where, need_answer=True):
+    """Check one record of our format (issue 2 section 4); `where` is 'file:line' for the message. Detection
+    questions carry no answer: need_answer=False accepts an empty one."""
+    for key in ("id", "image", "question", "answer"):
+        if not isinstance(rec.get(key), str) or not (rec[key].strip() or (key == "answer" and not need_answer)):
+            raise DataError(f"{where}: field '{key}' must be a non-empty string, got {rec.get(key)!r}")
+    if rec.get("bbox") is not None:
+        b = rec["bbox"]
+        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+                and all(math.isfinite(v) for v in b)):
+            raise DataError(f"{where}: record {rec['id']!r}: bbox must be [x1, y1, x2, y2] numbers, got {b!r}")
+        if not (b[2] > b[0] and b[3] > b[1]):
+            raise DataError(f"{where}: record {rec['id']!r}: degenerate bbox {b!r} (needs x2 > x1 and y2 > y1)")
+    for key in ("width", "height"):
+        if rec.get(key) is not None and not (isinstance(rec[key], int) and rec[key] > 0):
+            raise DataError(f"{where}: record {rec['id']!r}: {key} must be a positive integer, got {rec[key]!r}")
+    return rec
+
+
+def read_records(path, need_answer=True):
+    """Our records from a JSONL file, validated, ids unique."""
+    seen = {}
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = [i for i, line in enumerate(f, 1) if line.strip()]
+    for lineno, rec in zip(lines, read_jsonl(path)):
+        validate_record(rec, f"{path}:{lineno}", need_answer)
+        if rec["id"] in seen:
+            raise DataError(f"{path}:{lineno}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
+        seen[rec["id"]] = lineno
+        records.append(rec)
+    return records
+
+
+def image_path(rec, image_root):
+    return rec["image"] if os.path.isabs(rec["image"]) else os.path.join(image_root or "", rec["image"])
+
+
+def load_image(rec, image_root):
+    """The record's image as RGB; a missing or unreadable file raises DataError naming the record."""
+    path = image_path(rec, image_root)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: {e}") from None
+
+
+def image_size(rec, image_root):
+    """(width, height) from the record when it has them, else from the image header (no pixel decode).
+    A missing file fails here, before training starts, not hours into it."""
+    path = image_path(rec, image_root)
+    if not os.path.isfile(path):
+        raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: no such file")
+    if rec.get("width") and rec.get("height"):
+        return rec["width"], rec["height"]
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------- boxes
+# One internal truth: pixel boxes [x1, y1, x2, y2] of the original image. Text formats only at the model's
+# boundary (SPEC section 3).
+
+BOX_FORMATS = ("viscot", "norm", "qwen2", "qwen25")
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
+_LIST4 = re.compile(rf"\[\s*\[?\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]?\s*\]", re.I)
+_PAIRS = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)", re.I)
+_BBOX2D = re.compile(rf"""["']?bbox_2d["']?\s*:\s*\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]""",
+                     re.I)
+
+
+def _square_frame(w, h):
+    """Visual-CoT's frame: pad to a square of side max(w, h), centred on the short axis."""
+    side = max(w, h)
+    return side, ((h - w) // 2 if h > w else 0), ((w - h) // 2 if w > h else 0)
+
+
+def smart_resize_hw(processor, w, h):
+    """(height, width) the Qwen image processor resizes a w x h image to (multiples of patch*merge)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    ip = processor.image_processor
+    return smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                        max_pixels=ip.size["longest_edge"])
+
+
+def box_to_text(box, fmt, w, h, decimals=3, resized_hw=None):
+    """Pixel box -> the text the model reads/writes. resized_hw is needed for qwen25 only."""
+    x1, y1, x2, y2 = box
+    if fmt == "viscot":
+        side, dx, dy = _square_frame(w, h)
+        vals = [(x1 + dx) / side, (y1 + dy) / side, (x2 + dx) / side, (y2 + dy) / side]
+    elif fmt == "norm":
+        vals = [x1 / w, y1 / h, x2 / w, y2 / h]
+    elif fmt == "qwen2":
+        q = [min(999, max(0, round(v))) for v in (x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000)]
+        return f"({q[0]},{q[1]}),({q[2]},{q[3]})"
+    elif fmt == "qwen25":
+        rh, rw = resized_hw
+        q = [round(x1 * rw / w), round(y1 * rh / h), round(x2 * rw / w), round(y2 * rh / h)]
+        return json.dumps({"bbox_2d": q})
+    else:
+        raise ValueError(f"unknown box format {fmt!r}; choose from {BOX_FORMATS}")
+    vals = [min(1.0, max(0.0, v)) for v in vals]
+    return "[" + ", ".join(f"{v:.{decimals}f}" for v in vals) + "]"
+
+
+def parse_box(text, fmt, w, h, resized_hw=None):
+    """Model text -> pixel box clamped to the image, or None. Never raises."""
+    try:
+        if not isinstance(text, str):
+            return None
+        if fmt in ("viscot", "norm"):
+            m = _LIST4.search(text)
+        elif fmt == "qwen2":
+            m = _PAIRS.search(text)
+        elif fmt == "qwen25":
+            m = _BBOX2D.search(text) or _LIST4.search(text)
+        else:
+            return None
+        if m is None:
+            return None
+        v = [float(g) for g in m.groups()]
+        if not all(math.isfinite(x) for x in v):
+            return None
+        if fmt == "viscot":
+            side, dx, dy = _square_frame(w, h)
+            box = [v[0] * side - dx, v[1] * side - dy, v[2] * side - dx, v[3] * side - dy]
+        elif fmt == "norm":
+            box = [v[0] * w, v[1] * h, v[2] * w, v[3] * h]
+        elif fmt == "qwen2":
+            box = [v[0] / 1000 * w, v[1] / 1000 * h, v[2] / 1000 * w, v[3] / 1000 * h]
+        else:
+            rh, rw = resized_hw
+            box = [v[0] * w / rw, v[1] * h / rh, v[2] * w / rw, v[3] * h / rh]
+        box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            return None
+        return box
+    except Exception:  # noqa: BLE001 - the contract is "never raises": any surprise is "unparsable"
+        return None
+
+
+def crop_box(box, w, h, min_size=28):
+    """Integer crop box inside the image, at least min_size on each side (grown around its centre)."""
+    x1, y1, x2, y2 = box
+    out = []
+    for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
+        lo, hi = max(0.0, min(lo, limit)), max(0.0, min(hi, limit))
+        size = min(limit, max(min_size, hi - lo))
+        centre = (lo + hi) / 2
+        start = int(round(min(max(centre - size / 2, 0), limit - size)))
+        out.append((start, start + int(round(size))))
+    return [out[0][0], out[1][0], out[0][1], out[1][1]]
+
+
+def box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_giou(a, b):
+    """Generalised IoU in [-1, 1]: IoU minus the share of the enclosing box that neither covers."""
+    iou = box_iou(a, b)
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return iou - (hull - union) / hull if hull > 0 else iou
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+# Step 1 sees [full image, text]; step 2 sees [full image, text, crop] (the crop after the text, as VisRL).
+
+PROMPT_SETS = {
+    "visrl": {
+        "focus": "{question} Please provide the bounding box coordinate of the region that can help you answer "
+                 "the question better.",
+        "answer": "{question} Please first provide the bounding box coordinate of the region, then refer to the "
+                  "corresponding sub-image to answer the question better.",
+    },
+    "viscot": {
+        "focus": "{question} Please provide the bounding box coordinate of the region that can help you answer "
+                 "the question better.",
+        "answer": "Please answer the question based on the original image and local detail image. {question}",
+    },
+}
+
+
+def focus_messages(question, prompt_set="visrl"):
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": PROMPT_SETS[prompt_set]["focus"].format(question=question)}]}]
+
+
+def answer_messages(question, prompt_set="visrl"):
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": PROMPT_SETS[prompt_set]["answer"].format(question=question)},
+                                         {"type": "image"}]}]
+
+
+# ------------------------------------------------------------------------------------ model and processor
+
+LM_ONLY_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+
+
+def load_processor(path):
+    """AutoProcessor where it works; without torchvision (CPU machines) Qwen's video processor cannot be
+    built, so construct the processor from tokenizer + PIL image processor with no video processor."""
+    from transformers import AutoProcessor
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (ImportError, OSError):  # no torchvision; or a directory saved without a video processor
+        from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        family = AutoConfig.from_pretrained(path).model_type
+        base = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+
+        class ImageOnlyProcessor(base):
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+        # Saved files name the processor class: keep the real one so AutoProcessor reads them on a GPU box.
+        ImageOnlyProcessor.__name__ = ImageOnlyProcessor.__qualname__ = base.__name__
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        processor = ImageOnlyProcessor(Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer,
+                                       chat_template=tokenizer.chat_template)
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = "<|endoftext|>"
+    return processor
+
+
+def resolve_dtype(name):
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_model(path, dtype=torch.float32, attn="sdpa", adapter=None, adapter_trainable=False):
+    """Qwen2-VL / Qwen2.5-VL through the Auto class; optionally a PEFT adapter on top."""
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
+    return model
+
+
+def add_model_args(parser):
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=True, help="model directory (Qwen2-VL or Qwen2.5-VL, HF format)")
+    g.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to load on top of --model")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights dtype; auto = bf16 on a GPU that has it, else fp32")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                   help="attention implementation")
+
+
+def add_finetune_args(parser):
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA or full fine-tuning")
+    g.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha")
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--lora_targets", default=LM_ONLY_TARGETS,
+                   help="regex of module names that get LoRA (default: the language model's linear layers)")
+    g.add_argument("--train_vision", action="store_true",
+                   help="also train the vision tower (full fine-tuning); frozen by default")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
+
+
+def prepare_for_training(model, args):
+    """Freeze what does not train, explicitly (requires_grad=False, SPEC trap 14), then wrap LoRA."""
+    if args.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+        if not hasattr(model, "peft_config"):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                     lora_dropout=args.lora_dropout,
+                                                     target_modules=args.lora_targets, task_type="CAUSAL_LM"))
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(args.train_vision or not is_vision_param(name))
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def is_vision_param(name):
+    return ".visual." in f".{name}"
+
+
+def count_params(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+# --------------------------------------------------------------------------------- examples and batches
+
+class Example:
+    """One chat turn to train on or generate from: images (each a record image, optionally cropped), the
+    user messages, and the assistant response (None when generating). Pixels load only when encoded."""
+
+    def __init__(self, rec, image_root, messages, response=None, crop=None, n_tokens=None):
+        self.rec, self.image_root, self.messages, self.response, self.crop = rec, image_root, messages, response, crop
+        self.n_tokens = n_tokens
+
+    def images(self, full=None):
+        full = full if full is not None else load_image(self.rec, self.image_root)
+        n_images = sum(1 for c in self.messages[0]["content"] if c["type"] == "image")
+        return [full] if n_images == 1 else [full, full.crop(tuple(self.crop))]
+
+
+def image_token_count(processor, w, h):
+    rh, rw = smart_resize_hw(processor, w, h)
+    ip = processor.image_processor
+    return (rh // ip.patch_size) * (rw // ip.patch_size) // (ip.merge_size ** 2)
+
+
+def estimate_tokens(processor, ex, w, h):
+    """Sequence length of an example without decoding pixels: template + image tokens + response + EOS."""
+    prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+    n = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - (1 if ex.crop else 0) - 1
+    n += image_token_count(processor, w, h)
+    if ex.crop:
+        n += image_token_count(processor, ex.crop[2] - ex.crop[0], ex.crop[3] - ex.crop[1])
+    if ex.response is not None:
+        n += len(processor.tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+    return n
+
+
+def encode(processor, ex, images=None):
+    """Token ids, labels (assistant tokens + EOS only), mm_token_type_ids and pixels of one example."""
+    prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
+    out = processor(text=[prompt], images=images if images is not None else ex.images(), return_tensors="pt")
+    ids = out["input_ids"][0]
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mm = out["mm_token_type_ids"][0]
+    if ex.response is not None:
+        tok = processor.tokenizer
+        resp = torch.tensor(tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        ids, labels = torch.cat([ids, resp]), torch.cat([labels, resp])
+        mm = torch.cat([mm, torch.zeros_like(resp)])
+    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": mm,
+            "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def collate(encoded, pad_id, side="right"):
+    """Pad a list of encoded examples into one batch. Qwen's pixel_values are flat (all patches of all
+    images), so they concatenate in example order, and image_grid_thw says which rows are whose."""
+    n = max(len(e["input_ids"]) for e in encoded)
+    batch = {"input_ids": [], "labels": [], "attention_mask": [], "mm_token_type_ids": []}
+    for e in encoded:
+        pad = n - len(e["input_ids"])
+        for key, value in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0)):
+            fill = torch.full((pad,), value, dtype=e[key].dtype)
+            batch[key].append(torch.cat([e[key], fill] if side == "right" else [fill, e[key]]))
+        ones, zeros = torch.ones(len(e["input_ids"]), dtype=torch.long), torch.zeros(pad, dtype=torch.long)
+        batch["attention_mask"].append(torch.cat([ones, zeros] if side == "right" else [zeros, ones]))
+    batch = {k: torch.stack(v) for k, v in batch.items()}
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+    return batch
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def token_logprobs(model, batch, temperature=1.0):
+    """Log-probabilities of the labelled tokens: (B, T-1) with 0 where unlabelled, and the label mask.
+    Only labelled positions are projected onto the vocabulary (the image-heavy prompt never is), in
+    float32, with the sampling temperature applied (SPEC trap 10)."""
+    labels = batch["labels"]
+    labelled = labels[:, 1:] != IGNORE_INDEX
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labelled  # the logits at t predict token t+1
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                mm_token_type_ids=batch["mm_token_type_ids"], logits_to_keep=keep, use_cache=False)
+    logits = out.logits.float() / temperature  # (number of labelled tokens, vocab), row-major order
+    logp = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
+    per_token = torch.zeros(labelled.shape, dtype=logp.dtype, device=logp.device)
+    per_token = per_token.masked_scatter(labelled, logp)
+    return per_token, labelled
+
+
+@torch.no_grad()
+def generate(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
+    """Batched generation (left padding) for a list of Examples; returns the decoded responses."""
+    encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
+    batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
+    batch.pop("labels")
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
+    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+
+def add_runtime_args(parser):
+    g = parser.add_argument_group("runtime")
+    g.add_argument("--output_dir", required=True, help="where checkpoints, metrics and the final model go")
+    g.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero2.json)")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
+    g.add_argument("--seed", type=int, default=42, help="seed for data order, init and sampling")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
+    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear warm-up")
+    g.add_argument("--epochs", type=float, default=3.0, help="passes over the data")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
+    g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch per rank")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints")
+    g.add_argument("--resume", default=None,
+                   help="checkpoint directory to continue from exactly, or 'latest' for the newest in --output_dir")
+    g.add_argument("--log_steps", type=int, default=1, help="write a metrics line every N steps")
+
+
+class Runtime:
+    """The distributed side of a training loop, the same under `deepspeed`, `torchrun` and plain `python`:
+    process group, device, wrapped model, optimizer and cosine schedule, backward/step with accumulation and
+    clipping, and checkpoints. The loop itself stays in the stage script."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        self.use_deepspeed = bool(args.deepspeed)
+        if self.use_deepspeed:
+            import deepspeed
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        elif self.world > 1:
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.is_main = self.rank == 0
+        seed_everything(args.seed + self.rank)
+        self.ds_config = self._deepspeed_config() if self.use_deepspeed else None
+        self._hf_ds = None
+        if self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
+            # Tells from_pretrained to partition weights as they load (a 7B model never sits whole on a rank).
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+
+    def _deepspeed_config(self):
+        a = self.args
+        with open(a.deepspeed) as f:
+            cfg = json.load(f)
+        dtype = resolve_dtype(a.dtype)
+        fill = {"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": a.grad_accum,
+                "train_batch_size": a.batch_size * a.grad_accum * self.world,
+                "gradient_clipping": a.max_grad_norm, "zero_allow_untested_optimizer": True}
+        for key, value in fill.items():
+            if cfg.get(key, "auto") == "auto":
+                cfg[key] = value
+        for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+            if cfg.get(key, {}).get("enabled") == "auto":
+                cfg[key]["enabled"] = on
+        zero = cfg.get("zero_optimization", {})
+        for key in list(zero):
+            if zero[key] == "auto":
+                zero.pop(key)  # DeepSpeed's own default (HF derives these from the hidden size; we keep it simple)
+        return cfg
+
+    def setup(self, model, total_steps):
+        """Wrap the model for the launcher and build AdamW + warm-up/cosine schedule over trainable params."""
+        a = self.args
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.total_steps = total_steps
+        warmup = int(round(a.warmup_ratio * total_steps))
+
+        def lr_lambda(step):
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        # A plain torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile C++ for minutes on a cold machine.
+        optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.module = model
+        if self.use_deepspeed:
+            import deepspeed
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+                model_parameters=params)
+            self.model = self.engine
+        else:
+            model.to(self.device)
+            self.optimizer, self.scheduler = optimizer, scheduler
+            self.model = model
+            if self.world > 1:
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+        self.autocast_dtype = resolve_dtype(a.dtype) if not self.use_deepspeed else None
+        return self.model
+
+    def autocast(self):
+        """bf16/fp16 autocast outside DeepSpeed (DeepSpeed casts the module itself)."""
+        on = self.autocast_dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=on)
+
+    def no_sync(self, last_micro):
+        """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
+        import contextlib
+        if not last_micro and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        """Backward of a loss already normalised for the whole global step (every rank, every micro-batch):
+        gradients must add up across both. DDP and DeepSpeed average over ranks, DeepSpeed also divides by
+        the accumulation steps, so undo those averages here. DeepSpeed's contract is one engine.step() per
+        micro-batch (it updates only at the accumulation boundary), so it is called here too."""
+        if self.use_deepspeed:
+            self.engine.backward(loss * self.world * self.args.grad_accum)
+            self.engine.step()
+        else:
+            (loss * self.world).backward()
+
+    def step(self):
+        """Clip, optimizer and schedule step, zero grads; returns the pre-clip gradient norm."""
+        if self.use_deepspeed:
+            norm = self.engine.get_global_grad_norm()
+            return float(norm) if norm is not None else float("nan")
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self):
+        return self.scheduler.get_last_lr()[0]
+
+    def all_sum(self, value):
+        """Sum a number over ranks (e.g. the global count of label tokens that normalises the loss)."""
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def global_order(n_items, seed, epoch):
+    """The data order of one epoch, the same on every rank and in every run with the same seed: the
+    position in it is the only data state a checkpoint needs."""
+    return np.random.default_rng([seed, epoch]).permutation(n_items).tolist()
+
+
+def step_indices(n_items, step, global_batch, seed):
+    """Indices of the examples that make up optimizer step `step` (all ranks, all micro-batches), walking
+    through epochs of shuffled orders; a partial last batch of an epoch is dropped."""
+    per_epoch = n_items // global_batch
+    epoch, k = divmod(step, per_epoch)
+    order = global_order(n_items, seed, epoch)
+    return order[k * global_batch:(k + 1) * global_batch]
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(rt, processor, out_dir, step, extra=None):
+    """An HF/PEFT model directory plus the exact training state, written to a temporary directory and
+    renamed into place, so a kill never leaves a half checkpoint that --resume would take."""
+    final = os.path.join(out_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    rt.barrier()
+    if rt.use_deepspeed:
+        rt.engine.save_checkpoint(tmp, tag="deepspeed", client_state={"step": step})
+    state_dict = gathered_state_dict(rt)
+    if rt.is_main:
+        save_model(rt.module, processor, tmp, state_dict)
+        state = {"step": step, "extra": extra or {}}
+        if not rt.use_deepspeed:
+            state.update(optimizer=rt.optimizer.state_dict(), scheduler=rt.scheduler.state_dict())
+        torch.save(state, os.path.join(tmp, "training_state.pt"))
+    # Every rank's RNG: dropout and sampling continue as if never stopped.
+    torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rt.rank}.pt"))
+    rt.barrier()
+    if rt.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(out_dir, rt.args.save_total_limit)
+    rt.barrier()
+    return final
+
+
+def gathered_state_dict(rt):
+    """Under ZeRO-3 each rank holds a slice of every weight: gather a full 16-bit copy for saving (a
+    collective, every rank calls it). None elsewhere: save_pretrained reads the module itself."""
+    if rt.use_deepspeed and rt.engine.zero_optimization_stage() == 3:
+        return rt.engine._zero3_consolidated_16bit_state_dict()
+    return None
+
+
+def save_final(rt, processor, out_dir):
+    """The trained model alone (no training state) as out_dir/final, written then renamed into place."""
+    final = os.path.join(out_dir, "final")
+    tmp = final + ".tmp"
+    state_dict = gathered_state_dict(rt)
+    if rt.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(rt.module, processor, tmp, state_dict)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    rt.barrier()
+    return final
+
+
+def save_model(module, processor, out_dir, state_dict=None):
+    """Save weights (a PEFT adapter, or the full model) with the processor, as a from_pretrained directory."""
+    module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    # preprocessor_config.json as in the checkpoints Qwen ships: AutoProcessor builds the video processor
+    # from it too, so the saved directory loads like the original one.
+    processor.image_processor.save_pretrained(out_dir)
+
+
+def prune_checkpoints(out_dir, keep):
+    steps = sorted(checkpoint_steps(out_dir))
+    for step in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(out_dir, f"checkpoint-{step}"), ignore_errors=True)
+
+
+def checkpoint_steps(out_dir):
+    if not os.path.isdir(out_dir):
+        return []
+    return [int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+
+
+def resolve_resume(args):
+    """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none)."""
+    if args.resume != "latest":
+        return args.resume
+    steps = checkpoint_steps(args.output_dir)
+    return os.path.join(args.output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def load_checkpoint(rt, ckpt):
+    """Restore optimizer, schedule, RNG; returns the saved training state (step, extra). The weights were
+    loaded with the model (load_model from the checkpoint directory)."""
+    state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=False)
+    if rt.use_deepspeed:
+        rt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
+    else:
+        rt.optimizer.load_state_dict(state["optimizer"])
+        rt.scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(ckpt, f"rng_state_{rt.rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- logging
+
+class MetricsLog:
+    """Metrics as JSONL lines (appended, flushed per line) from the main rank only."""
+
+    def __init__(self, path, enabled=True):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+
+    def write(self, row):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def progress(iterable=None, enabled=True, **kw):
+    from tqdm import tqdm
+    return tqdm(iterable, disable=not enabled, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+class Throughput:
+    """Samples/s and tokens/s since the last call."""
+
+    def __init__(self):
+        self.t, self.samples, self.tokens = time.time(), 0, 0
+
+    def add(self, samples, tokens):
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self):
+        now = time.time()
+        dt = max(now - self.t, 1e-9)
+        out = {"samples_per_s": self.samples / dt, "tokens_per_s": self.tokens / dt}
+        self.t, self.samples, self.tokens = now, 0, 0
+        return out

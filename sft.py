@@ -1,0 +1,157 @@
+"""Two-step bbox SFT (SPEC 4.1): each annotated record gives two examples,
+  step 1 (focus):  [image, question + focus prompt]          -> the box as text
+  step 2 (answer): [image, question + answer prompt, crop]  -> the answer
+with token cross-entropy on the assistant tokens only. Defaults are VisRL's: LoRA r8/a16 on the language
+model, vision tower frozen, lr 1e-4, 3 epochs, cosine with 10 % warm-up.
+
+    python sft.py --model Qwen/Qwen2-VL-7B-Instruct --data train.jsonl --image_root imgs --output_dir out/sft
+    deepspeed --num_gpus 8 sft.py --deepspeed configs/zero2.json ...
+    torchrun --nproc_per_node 8 sft.py ...
+
+The loss of a step is the sum of token losses over the whole global batch (all ranks, all micro-batches)
+divided by its number of label tokens, so 1 rank x 8 examples and 2 ranks x 4 give the same loss.
+Writes output_dir/metrics.jsonl, output_dir/checkpoint-N/ (model + exact training state) and
+output_dir/final/ (the trained model or adapter, a from_pretrained directory).
+"""
+import argparse
+import math
+import os
+import time
+
+import common
+from common import Example, Runtime, crop_box, box_to_text, image_size, smart_resize_hw
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+g = parser.add_argument_group("data")
+g.add_argument("--data", required=True, help="training records (JSONL, our record format)")
+g.add_argument("--image_root", default=None, help="directory image paths are relative to (default: the data file's)")
+g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
+g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format (SPEC 3)")
+g.add_argument("--box_decimals", type=int, default=3, help="decimals of viscot/norm box text")
+g.add_argument("--steps", default="focus,answer", help="which of the two steps to train on")
+g.add_argument("--cutoff_len", type=int, default=4096,
+               help="longest sequence; longer examples are skipped and counted, never truncated")
+g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers that load and encode images")
+common.add_model_args(parser)
+common.add_finetune_args(parser)
+common.add_runtime_args(parser)
+args = parser.parse_args()
+
+
+def build_examples(records, processor):
+    """Both steps of every record that has a box; over-long examples are skipped and counted."""
+    examples, skipped = [], {"no_bbox": 0, "too_long": 0}
+    steps = set(args.steps.split(","))
+    for rec in records:
+        if rec.get("bbox") is None:
+            skipped["no_bbox"] += 1
+            continue
+        w, h = image_size(rec, args.image_root)
+        resized = smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
+        candidates = []
+        if "focus" in steps:
+            candidates.append(Example(rec, args.image_root, common.focus_messages(rec["question"], args.prompt_set),
+                                      box_to_text(rec["bbox"], args.box_format, w, h, args.box_decimals, resized)))
+        if "answer" in steps:
+            candidates.append(Example(rec, args.image_root, common.answer_messages(rec["question"], args.prompt_set),
+                                      rec["answer"], crop=crop_box(rec["bbox"], w, h)))
+        for ex in candidates:
+            ex.n_tokens = common.estimate_tokens(processor, ex, w, h)
+            ex.n_labels = len(processor.tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+            if ex.n_tokens > args.cutoff_len:
+                skipped["too_long"] += 1
+            else:
+                examples.append(ex)
+    return examples, skipped
+
+
+def main():
+    import torch
+
+    if args.image_root is None:
+        args.image_root = os.path.dirname(os.path.abspath(args.data))
+    rt = Runtime(args)
+    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
+    processor = common.load_processor(args.model)
+    examples, skipped = build_examples(common.read_records(args.data), processor)
+    global_batch = args.batch_size * args.grad_accum * rt.world
+    if len(examples) < global_batch:
+        raise SystemExit(f"{len(examples)} usable examples, fewer than one global batch of {global_batch}")
+    steps_per_epoch = len(examples) // global_batch
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+    # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
+    ckpt = common.resolve_resume(args) if args.resume else None
+    dtype = common.resolve_dtype(args.dtype)
+    if ckpt and args.finetune == "full":
+        model = common.load_model(ckpt, dtype, args.attn)
+    else:
+        adapter = ckpt if ckpt else args.adapter
+        model = common.load_model(args.model, dtype, args.attn, adapter=adapter, adapter_trainable=True)
+    model = common.prepare_for_training(model, args)
+    trainable, total = common.count_params(model)
+    model = rt.setup(model, total_steps)
+    start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
+    if rt.is_main:
+        print(f"sft: {len(examples)} examples ({skipped}), {total_steps} steps of {global_batch}, "
+              f"{trainable / 1e6:.2f}M/{total / 1e6:.1f}M params trainable, world {rt.world}"
+              + (f", resuming at step {start_step}" if ckpt else ""), flush=True)
+
+    # This rank's micro-batches for every remaining step, in order: rank r takes its contiguous share of
+    # the global batch, then cuts it into grad_accum micro-batches.
+    per_rank = args.batch_size * args.grad_accum
+    plan = []
+    for step in range(start_step, total_steps):
+        idx = common.step_indices(len(examples), step, global_batch, args.seed)
+        mine = idx[rt.rank * per_rank:(rt.rank + 1) * per_rank]
+        n_labels = sum(examples[i].n_labels for i in idx)
+        for m in range(args.grad_accum):
+            plan.append((mine[m * args.batch_size:(m + 1) * args.batch_size], n_labels))
+    pad_id = processor.tokenizer.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        plan, batch_size=None, num_workers=args.num_workers,
+        collate_fn=lambda item: (common.collate([common.encode(processor, examples[i]) for i in item[0]], pad_id),
+                                 item[1]))
+
+    model.train()
+    meter = common.Throughput()
+    batches = iter(loader)
+    bar = common.progress(range(start_step, total_steps), rt.is_main, desc="sft", initial=start_step,
+                          total=total_steps)
+    loss_sum = 0.0
+    t0 = time.time()
+    for step in bar:
+        step_loss, lr = 0.0, rt.lr()  # the rate this step uses (the schedule moves on at its end)
+        for m in range(args.grad_accum):
+            batch, n_labels = next(batches)
+            batch = common.to_device(batch, rt.device)
+            with rt.no_sync(m == args.grad_accum - 1), rt.autocast():
+                logp, mask = common.token_logprobs(model, batch)
+                loss = -logp.sum() / n_labels
+                rt.backward(loss)
+            step_loss += loss.item()
+            meter.add(len(batch["input_ids"]), int(batch["attention_mask"].sum()))
+        grad_norm = rt.step()
+        step_loss = rt.all_sum(step_loss)
+        loss_sum += step_loss
+        if rt.is_main:
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+        if (step + 1) % args.log_steps == 0:
+            rates = meter.rates()
+            log.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                       "samples_per_s": rates["samples_per_s"] * rt.world, "tokens_per_s": rates["tokens_per_s"] * rt.world,
+                       "epoch": (step + 1) / steps_per_epoch})
+        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
+            common.save_checkpoint(rt, processor, args.output_dir, step + 1)
+    common.save_checkpoint(rt, processor, args.output_dir, total_steps)
+    common.save_final(rt, processor, args.output_dir)
+    if rt.is_main:
+        n = total_steps - start_step
+        print(f"sft done: {n} steps in {time.time() - t0:.0f}s, mean loss {loss_sum / max(1, n):.4f}, "
+              f"last {step_loss if n else float('nan'):.4f}, model -> {os.path.join(args.output_dir, 'final')}",
+              flush=True)
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Model loading, label masking and batch invariance on the tiny Qwen2-VL and Qwen2.5-VL."""
+import os
+
+import pytest
+import torch
+
+import common
+from common import IGNORE_INDEX, Example
+
+FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
+
+
+@pytest.fixture(scope="module")
+def loaded(toy):
+    out = {}
+    for family in FAMILIES:
+        path = str(toy / family)
+        out[family] = (common.load_model(path, attn="eager").eval(), common.load_processor(path))
+    return out
+
+
+def records(toy):
+    return common.read_records(str(toy / "data" / "train.jsonl"))
+
+
+def examples(toy, prompt_set="visrl"):
+    """Three mixed examples: two-image answer step, one-image focus step, another two-image step."""
+    root = str(toy / "data")
+    r = records(toy)
+    return [
+        Example(r[0], root, common.answer_messages(r[0]["question"], prompt_set), r[0]["answer"],
+                crop=common.crop_box(r[0]["bbox"], 168, 112)),
+        Example(r[1], root, common.focus_messages(r[1]["question"], prompt_set),
+                common.box_to_text(r[1]["bbox"], "viscot", 168, 112, 2)),
+        Example(r[2], root, common.answer_messages(r[2]["question"], prompt_set), "a much longer answer than usual",
+                crop=common.crop_box([0, 0, 100, 90], 168, 112)),
+    ]
+
+
+def test_processor_and_model_families(loaded):
+    for family, (model, processor) in loaded.items():
+        assert model.config.model_type == family.replace("-", "_").replace(".", "_")
+        assert processor.tokenizer.eos_token == "<|im_end|>"
+        assert processor.image_processor.patch_size == 14
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_cover_assistant_tokens_only(loaded, toy, family):
+    _, processor = loaded[family]
+    tok = processor.tokenizer
+    for ex in examples(toy):
+        enc = common.encode(processor, ex)
+        ids, labels = enc["input_ids"].tolist(), enc["labels"].tolist()
+        first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+        # Token by token: everything before the response is masked, everything after it is the response.
+        assert all(lab == IGNORE_INDEX for lab in labels[:first])
+        assert labels[first:] == ids[first:]
+        assert tok.decode(ids[first:]) == ex.response + "<|im_end|>"
+        assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+        n_images = tok.decode(ids[:first]).count("<|vision_start|>")
+        assert n_images == (2 if ex.crop else 1)
+        image_tokens = sum(1 for i in ids if i == tok.convert_tokens_to_ids("<|image_pad|>"))
+        assert image_tokens == int(enc["image_grid_thw"].prod(-1).sum()) // 4
+        assert enc["mm_token_type_ids"].sum() == image_tokens
+
+
+def test_prompt_sets_are_selectable(loaded, toy):
+    _, processor = loaded["qwen2-vl"]
+    text = processor.tokenizer.decode(common.encode(processor, examples(toy, "viscot")[0])["input_ids"])
+    assert "Please answer the question based on the original image and local detail image. What shape" in text
+    text = processor.tokenizer.decode(common.encode(processor, examples(toy, "visrl")[0])["input_ids"])
+    assert "then refer to the corresponding sub-image to answer the question better." in text
+    assert text.index("then refer") < text.rindex("<|vision_start|>")  # the crop comes after the text
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batch_invariance(loaded, toy, family, side):
+    model, processor = loaded[family]
+    exs = examples(toy)
+    encoded = [common.encode(processor, ex) for ex in exs]
+    pad = processor.tokenizer.pad_token_id
+    with torch.no_grad():
+        batched, _ = common.token_logprobs(model, common.collate(encoded, pad, side))
+        alone = [common.token_logprobs(model, common.collate([e], pad, side))[0].sum().item() for e in encoded]
+    assert batched.sum(-1).tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
+    n_labels = [int((e["labels"] != IGNORE_INDEX).sum()) for e in encoded]
+    assert [int(x) for x in (batched != 0).sum(-1)] == n_labels
+
+
+def test_token_logprobs_equals_full_logits_gather(loaded, toy):
+    """The labelled-positions-only projection gives what a full-vocabulary gather over all logits does."""
+    model, processor = loaded["qwen2-vl"]
+    batch = common.collate([common.encode(processor, ex) for ex in examples(toy)], processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        got, mask = common.token_logprobs(model, batch)
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.double()
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, batch["labels"][:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = ref * mask
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_estimated_length_matches_encoding(loaded, toy):
+    _, processor = loaded["qwen2-vl"]
+    for ex in examples(toy):
+        assert common.estimate_tokens(processor, ex, 168, 112) == len(common.encode(processor, ex)["input_ids"])
+
+
+def test_lora_targets_language_model_only(toy):
+    import argparse
+    args = argparse.Namespace(finetune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                              lora_targets=common.LM_ONLY_TARGETS, train_vision=False, gradient_checkpointing=False)
+    model = common.prepare_for_training(common.load_model(str(toy / "qwen2-vl")), args)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    full = common.prepare_for_training(common.load_model(str(toy / "qwen2-vl")),
+                                       argparse.Namespace(**dict(vars(args), finetune="full")))
+    frozen = [n for n, p in full.named_parameters() if not p.requires_grad]
+    assert frozen and all(common.is_vision_param(n) for n in frozen)
+    assert all(p.requires_grad for n, p in full.named_parameters() if not common.is_vision_param(n))
+
+
+def test_generate_batched_equals_one_by_one(loaded, toy):
+    model, processor = loaded["qwen2.5-vl"]
+    exs = [Example(r, str(toy / "data"), common.focus_messages(r["question"])) for r in records(toy)[:3]]
+    batched = common.generate(model, processor, exs, max_new_tokens=8)
+    single = [common.generate(model, processor, [ex], max_new_tokens=8)[0] for ex in exs]
+    assert batched == single
+
+
+def test_two_image_processor_files_exist(toy):
+    assert os.path.exists(toy / "qwen2-vl" / "preprocessor_config.json")

@@ -1,0 +1,140 @@
+"""Records: JSONL errors name file and line, images name the record; Visual-CoT converters on the real samples."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SAMPLES
+
+import common
+from common import DataError
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+GOOD = {"id": "a", "image": "x.png", "question": "q?", "answer": "yes", "bbox": [1, 2, 3, 4]}
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    f = write(tmp_path / "r.jsonl", [json.dumps(GOOD), "", '{"id": "b", "image": ', json.dumps(GOOD)])
+    with pytest.raises(DataError, match=r"r\.jsonl:3: not valid JSON"):
+        common.read_records(f)
+    f = write(tmp_path / "s.jsonl", [json.dumps(GOOD), "[1, 2]"])
+    with pytest.raises(DataError, match=r"s\.jsonl:2: expected a JSON object"):
+        common.read_jsonl(f)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"bbox": [5, 2, 3, 4]}, r"r\.jsonl:2: record 'b': degenerate bbox"),
+    ({"bbox": [1, 2, 3, 2]}, r"degenerate bbox"),
+    ({"bbox": [1, 2, 3]}, r"bbox must be"),
+    ({"bbox": [1, 2, float("nan"), 4]}, r"bbox must be"),
+    ({"question": ""}, r"r\.jsonl:2: field 'question'"),
+    ({"answer": None}, r"field 'answer'"),
+    ({"width": -3}, r"width must be a positive integer"),
+    ({"id": "a"}, r"r\.jsonl:2: duplicate id 'a' \(first on line 1\)"),
+])
+def test_invalid_records(tmp_path, change, message):
+    bad = {**GOOD, "id": "b", **change}
+    f = write(tmp_path / "r.jsonl", [json.dumps(GOOD), json.dumps(bad)])
+    with pytest.raises(DataError, match=message):
+        common.read_records(f)
+
+
+def test_detection_records_may_lack_answer(tmp_path):
+    f = write(tmp_path / "r.jsonl", [json.dumps(dict(GOOD, answer=""))])
+    assert common.read_records(f, need_answer=False)[0]["answer"] == ""
+    with pytest.raises(DataError):
+        common.read_records(f)
+
+
+def test_extra_fields_carried(tmp_path):
+    f = write(tmp_path / "r.jsonl", [json.dumps(dict(GOOD, source="web", meta={"k": 1}))])
+    assert common.read_records(f)[0]["meta"] == {"k": 1}
+
+
+def test_missing_and_corrupt_image_name_the_record(tmp_path):
+    with pytest.raises(DataError, match=r"record 'a': cannot load image .*x\.png"):
+        common.load_image(GOOD, str(tmp_path))
+    (tmp_path / "x.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"record 'a': cannot load image"):
+        common.load_image(GOOD, str(tmp_path))
+    with pytest.raises(DataError, match=r"record 'a'"):
+        common.image_size(GOOD, str(tmp_path))
+
+
+def test_image_root_and_absolute_paths(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (30, 20)).save(tmp_path / "x.png")
+    assert common.load_image(GOOD, str(tmp_path)).size == (30, 20)
+    assert common.image_size(dict(GOOD, image=str(tmp_path / "x.png")), "/nonexistent").__eq__((30, 20))
+
+
+def test_write_jsonl_round_trip(tmp_path):
+    rows = [GOOD, dict(GOOD, id="ü", question="naïve?")]
+    common.write_jsonl(str(tmp_path / "o.jsonl"), rows)
+    assert common.read_jsonl(str(tmp_path / "o.jsonl")) == rows
+
+
+def convert(tmp_path, *argv):
+    out = str(tmp_path / "out.jsonl")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), *argv, "--out", out],
+                   check=True, capture_output=True)
+    return common.read_jsonl(out)
+
+
+def test_convert_benchmark_round_trips_box_text(tmp_path):
+    bench = os.path.join(SAMPLES, "benchmark_gqa.json")
+    records = convert(tmp_path, "--format", "benchmark", "--input", bench,
+                      "--sizes", os.path.join(SAMPLES, "benchmark_det_gqa.jsonl"))
+    with open(bench) as f:
+        items = json.load(f)
+    assert len(records) == len(items)
+    for rec, item in zip(records, items):
+        assert rec["bbox"] == json.loads(item["image"][1].split("###")[1])
+        assert rec["answer"] == item["conversations"][3]["value"]
+        assert not rec["question"].endswith("better.") and "<image>" not in rec["question"]
+        # The pixel box written back in Visual-CoT's padded-square frame is exactly the file's box text.
+        assert common.box_to_text(rec["bbox"], "viscot", rec["width"], rec["height"]) == item["conversations"][1]["value"]
+    assert records[0]["id"] == "gqa-7" and records[0]["question"] == "What are the tree branches in front of?"
+
+
+def test_convert_benchmark_without_sizes(tmp_path):
+    records = convert(tmp_path, "--format", "benchmark", "--input", os.path.join(SAMPLES, "benchmark_textvqa.json"))
+    assert all("width" not in r and len(r["bbox"]) == 4 for r in records)
+
+
+def test_convert_benchmark_rejects_inconsistent_box(tmp_path):
+    with open(os.path.join(SAMPLES, "benchmark_gqa.json")) as f:
+        items = json.load(f)
+    items[0]["conversations"][1]["value"] = "[0.1, 0.1, 0.2, 0.2]"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(items))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), "--format", "benchmark",
+                        "--input", str(bad), "--out", str(tmp_path / "o.jsonl"),
+                        "--sizes", os.path.join(SAMPLES, "benchmark_det_gqa.jsonl")], capture_output=True, text=True)
+    assert p.returncode != 0 and "disagrees with pixel box" in p.stderr
+
+
+def test_convert_det(tmp_path):
+    records = convert(tmp_path, "--format", "det", "--input", os.path.join(SAMPLES, "benchmark_det_docvqa.jsonl"))
+    assert records[1]["id"] == "docvqa-1" and records[1]["bbox"] == [2112, 1623, 2142, 1654]
+    assert (records[1]["width"], records[1]["height"]) == (2156, 1695) and records[1]["answer"] == ""
+
+
+def test_convert_train_unions_boxes(tmp_path):
+    src = os.path.join(SAMPLES, "vsr_cot_train.jsonl")
+    records = convert(tmp_path, "--format", "train", "--input", src, "--image_prefix", "cot/vsr/")
+    raw = common.read_jsonl(src)
+    for rec, row in zip(records, raw):
+        bs = row["bboxs"]
+        assert rec["bbox"] == [min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs)]
+        assert rec["image"] == "cot/vsr/" + row["image"] and rec["answer"] == row["answer"]
+    multi = {"question": "q", "answer": "a", "image": "i.jpg", "width": 100, "height": 50, "dataset": "d",
+             "bboxs": [[10, 5, 20, 15], [30, 2, 40, 12]]}
+    f = write(tmp_path / "m.jsonl", [json.dumps(multi)])
+    assert convert(tmp_path, "--format", "train", "--input", f)[0]["bbox"] == [10, 2, 40, 15]

@@ -1,0 +1,115 @@
+"""sft.py end to end: launchers agree with single-process, --resume continues exactly, bad input fails clearly."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run_script
+
+PY = sys.executable
+BIN = os.path.dirname(PY)
+
+
+def sft_args(toy, out, *extra, data=None):
+    data = data or toy / "data" / "train.jsonl"
+    return [os.path.join(ROOT, "sft.py"), "--model", str(toy / "qwen2-vl"), "--data", str(data),
+            "--output_dir", str(out), "--finetune", "full", "--lr", "2e-3", "--box_decimals", "2", *extra]
+
+
+def losses(out):
+    """step -> loss, the last line written for a step winning (a resumed run rewrites the steps after the
+    checkpoint it resumed from)."""
+    by_step = {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            by_step[row["step"]] = row["loss"]
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def reference(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_ref")
+    run_script(PY, *sft_args(toy, out, "--max_steps", "4", "--batch_size", "4"))
+    return losses(out)
+
+
+def test_single_process_trains_and_saves(reference, toy):
+    assert sorted(reference) == [1, 2, 3, 4] and reference[4] < reference[1]
+
+
+def test_grad_accumulation_matches_bigger_batch(reference, toy, tmp_path):
+    run_script(PY, *sft_args(toy, tmp_path, "--max_steps", "4", "--batch_size", "2", "--grad_accum", "2"))
+    got = losses(tmp_path)
+    assert [got[s] for s in range(1, 5)] == pytest.approx([reference[s] for s in range(1, 5)], rel=1e-4)
+
+
+LAUNCHERS = {
+    "torchrun": [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29611"],
+    "deepspeed-zero2": [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29612"],
+    "deepspeed-zero3": [os.path.join(BIN, "deepspeed"), "--num_gpus", "2", "--master_port", "29613"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_launchers_match_single_process(reference, toy, tmp_path, launcher):
+    extra = ["--max_steps", "4", "--batch_size", "2"]
+    if launcher.startswith("deepspeed"):
+        extra += ["--deepspeed", os.path.join(ROOT, "configs", launcher.split("-")[1] + ".json")]
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    script = sft_args(toy, tmp_path, *extra)
+    run_script(*LAUNCHERS[launcher], *script, env=env)
+    got = losses(tmp_path)
+    assert [got[s] for s in range(1, 5)] == pytest.approx([reference[s] for s in range(1, 5)], rel=2e-4)
+    assert os.path.exists(tmp_path / "final" / "model.safetensors")
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune):
+    extra = ["--max_steps", "12", "--batch_size", "4", "--finetune", finetune, "--lora_dropout", "0.1",
+             "--save_steps", "3", "--save_total_limit", "1", "--lr", "1e-3"]
+    full = tmp_path / "full"
+    run_script(PY, *sft_args(toy, full, *extra))
+    interrupted = tmp_path / "interrupted"
+    p = subprocess.Popen([PY, *sft_args(toy, interrupted, *extra)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (interrupted / "checkpoint-3").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(interrupted) if d.startswith("checkpoint-") and "." not in d)
+    assert steps and steps[-1] < 12, f"the run was not interrupted before its end: {steps}"
+    shutil.rmtree(interrupted / "final", ignore_errors=True)
+    run_script(PY, *sft_args(toy, interrupted, *extra, "--resume", "latest"))
+    want, got = losses(full), losses(interrupted)
+    assert sorted(got) == list(range(1, 13))
+    assert [got[s] for s in range(1, 13)] == pytest.approx([want[s] for s in range(1, 13)], rel=1e-5, abs=1e-7)
+
+
+def test_over_long_examples_are_skipped_and_counted(toy, tmp_path):
+    p = run_script(PY, *sft_args(toy, tmp_path, "--max_steps", "1", "--batch_size", "2", "--cutoff_len", "60"))
+    # Step 1 examples (one image, ~24 image tokens + prompt) fit in 60 tokens; step 2 (two images) do not.
+    assert "'too_long': 64" in p.stdout
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing_image", "degenerate_box"])
+def test_bad_input_fails_with_clear_errors(toy, tmp_path, case):
+    lines = (toy / "data" / "train.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    bad_line, message = {
+        "malformed": ('{"id": "x", "image": "images/nope.png"', ":4: not valid JSON"),
+        "missing_image": (json.dumps(dict(record, id="missing", image="images/nope.png")),
+                          "record 'missing': cannot load image"),
+        "degenerate_box": (json.dumps(dict(record, id="degenerate", bbox=[10, 10, 5, 20])),
+                           ":4: record 'degenerate': degenerate bbox"),
+    }[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:3] + [bad_line] + lines[3:]) + "\n")
+    p = subprocess.run([PY, *sft_args(toy, tmp_path / "o", "--max_steps", "1", data=bad)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]

@@ -1,0 +1,184 @@
+"""Build the toy world: tiny random Qwen2-VL / Qwen2.5-VL checkpoints and a synthetic grounded-VQA dataset.
+
+    python tools/make_toy.py --out toy [--seed 0]
+
+writes
+    toy/qwen2-vl/, toy/qwen2.5-vl/   model directories (config, safetensors, tokenizer, image processor,
+                                     chat template), loadable with from_pretrained like a real checkpoint
+    toy/data/train.jsonl, test.jsonl  records (id, image, question, answer, bbox, width, height, dataset)
+    toy/data/images/*.png
+
+The task (../shared/SPEC.md section 8): non-square 168x112 images, objects of distinct colours placed
+on a coarse 3x3 grid; "What shape is the red object?" needs one object; the object is small (about a
+quarter of a cell side) so the crop of its box shows it far larger than the full image does. Sizes and
+RoPE settings are the ones measured to learn on 2 CPU cores in minutes: rope_theta 10 and
+mrope_section [2, 7, 7] give image columns enough angular resolution for a 4-layer model.
+"""
+import argparse
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+WIDTH, HEIGHT = 168, 112
+GRID_COLS, GRID_ROWS = 3, 3
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+# Qwen2-VL's own chat template (as shipped with Qwen/Qwen2-VL-7B-Instruct).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+IMAGE_PROCESSOR = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                   "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                   "image_std": [0.26862954, 0.26130258, 0.27577711],
+                   "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": 14,
+                   "temporal_patch_size": 2, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}
+
+
+def draw_shape(draw, shape, box, colour):
+    x1, y1, x2, y2 = box
+    if shape == "circle":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    elif shape == "square":
+        draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
+    else:
+        draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
+
+
+def make_example(rng, index, split, image_dir, max_objects):
+    """One image with 1..max_objects objects of distinct colours in distinct cells; one question."""
+    n = rng.randint(1, max_objects)
+    cells = rng.sample(range(GRID_COLS * GRID_ROWS), n)
+    colours = rng.sample(list(COLOURS), n)
+    image = Image.new("RGB", (WIDTH, HEIGHT), (235, 235, 235))
+    draw = ImageDraw.Draw(image)
+    objects = []
+    cell_w, cell_h = WIDTH / GRID_COLS, HEIGHT / GRID_ROWS
+    for cell, colour in zip(cells, colours):
+        size = rng.randint(14, 18)
+        cx = (cell % GRID_COLS + 0.5) * cell_w + rng.randint(-3, 3)
+        cy = (cell // GRID_COLS + 0.5) * cell_h + rng.randint(-3, 3)
+        box = [int(cx - size / 2), int(cy - size / 2), int(cx - size / 2) + size, int(cy - size / 2) + size]
+        shape = rng.choice(SHAPES)
+        draw_shape(draw, shape, box, COLOURS[colour])
+        objects.append((colour, shape, box))
+    colour, shape, box = objects[rng.randrange(n)]
+    name = f"{split}_{index:05d}.png"
+    image.save(os.path.join(image_dir, name))
+    return {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
+            "answer": shape, "bbox": box, "width": WIDTH, "height": HEIGHT, "dataset": "toy"}
+
+
+def tokenizer_corpus():
+    """Text the toy tokenizer is trained on: every word and digit pattern the stages can emit."""
+    words = list(COLOURS) + list(SHAPES) + ["What shape is the object?", "Please provide the bounding box "
+             "coordinate of the region that can help you answer the question better.", "Please first provide "
+             "the bounding box coordinate of the region, then refer to the corresponding sub-image to answer "
+             "the question better.", "Please answer the question based on the original image and local detail "
+             "image.", "You are a helpful assistant.", "system user assistant", '{"bbox_2d": [12, 34, 56, 78]}',
+             "[0.125, 0.5, 0.75, 1.0] (12,345),(678,999) score: 0.8 {\"score\": 1}", "<think> </think> <answer> "
+             "</answer> Position Confidence yes no"]
+    return words * 20 + [" ".join(str(i) for i in range(100))]
+
+
+def build_tokenizer(out_dir):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Digits one per token, as Qwen2's pre-tokenizer does; byte-level for everything else.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(tokenizer_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=SPECIAL_TOKENS[3:], model_max_length=32768)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(family, out_dir, tokenizer, seed):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    if family == "qwen2_vl":
+        # The ViT width is embed_dim; hidden_size is the merger's output and must equal the LM's.
+        vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4)
+    else:
+        vision = dict(depth=2, hidden_size=128, out_hidden_size=128, intermediate_size=256, num_heads=4,
+                      window_size=56, fullatt_block_indexes=[1])
+    config = AutoConfig.for_model(family, text_config=text, vision_config=vision,
+                                  image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                  vision_start_token_id=ids["<|vision_start|>"],
+                                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(dict(IMAGE_PROCESSOR, processor_class="Qwen2_5_VLProcessor" if family == "qwen2_5_vl"
+                       else "Qwen2VLProcessor"), f, indent=2)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{family}: {n / 1e6:.2f} M parameters -> {out_dir}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="directory to write the toy world into")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, images and questions")
+    parser.add_argument("--n_train", type=int, default=4000, help="training records")
+    parser.add_argument("--n_test", type=int, default=200, help="test records")
+    parser.add_argument("--max_objects", type=int, default=1,
+                        help="objects per image, drawn uniformly from 1..N (N > 1 learns far slower: SPEC 8)")
+    parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
+    args = parser.parse_args()
+
+    data_dir = os.path.join(args.out, "data")
+    image_dir = os.path.join(data_dir, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    rng = random.Random(args.seed)
+    for split, n in (("train", args.n_train), ("test", args.n_test)):
+        with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                f.write(json.dumps(make_example(rng, i, split, image_dir, args.max_objects)) + "\n")
+    print(f"data: {args.n_train} train / {args.n_test} test records -> {data_dir}")
+    if args.skip_models:
+        return
+    tok_dir = os.path.join(args.out, "qwen2-vl")
+    os.makedirs(tok_dir, exist_ok=True)
+    tokenizer = build_tokenizer(tok_dir)
+    build_model("qwen2_vl", tok_dir, tokenizer, args.seed)
+    build_model("qwen2_5_vl", os.path.join(args.out, "qwen2.5-vl"), tokenizer, args.seed)
+
+
+if __name__ == "__main__":
+    main()
