@@ -512,7 +512,9 @@ class Runtime:
         elif self.world > 1:
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.is_main = self.rank == 0
-        seed_everything(args.seed + self.rank)
+        # The same seed on every rank while the model is built (LoRA init must agree across ranks, ZeRO-3
+        # partitions whatever each rank holds); setup() then gives each rank its own stream for dropout.
+        seed_everything(args.seed)
         self.ds_config = self._deepspeed_config() if self.use_deepspeed else None
         self._hf_ds = None
         if self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
@@ -553,6 +555,11 @@ class Runtime:
             progress = (step - warmup) / max(1, total_steps - warmup)
             return a.min_lr_ratio + (1 - a.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+        if not self.use_deepspeed:
+            # Trainable weights in float32 (AdamW updates vanish in bf16); matmuls run under autocast.
+            # DeepSpeed keeps its own float32 master copy instead.
+            for p in params:
+                p.data = p.data.float()
         # A plain torch AdamW: DeepSpeed's fused/CPU Adam would JIT-compile C++ for minutes on a cold machine.
         optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -571,6 +578,7 @@ class Runtime:
                 self.model = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.autocast_dtype = resolve_dtype(a.dtype) if not self.use_deepspeed else None
+        seed_everything(a.seed + self.rank)
         return self.model
 
     def autocast(self):

@@ -108,8 +108,10 @@ def main():
         for m in range(args.grad_accum):
             plan.append((mine[m * args.batch_size:(m + 1) * args.batch_size], n_labels))
     pad_id = processor.tokenizer.pad_token_id
+    # Its own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would shift
+    # every dropout mask after a resume (the RNG state is restored before the loader starts).
     loader = torch.utils.data.DataLoader(
-        plan, batch_size=None, num_workers=args.num_workers,
+        plan, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
         collate_fn=lambda item: (common.collate([common.encode(processor, examples[i]) for i in item[0]], pad_id),
                                  item[1]))
 
@@ -154,4 +156,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as e:  # bad input: the message names file and line, or the record
+        raise SystemExit(f"sft.py: error: {e}")

@@ -10,7 +10,7 @@ writes
 
 The task (../shared/SPEC.md section 8): non-square 168x112 images, objects of distinct colours placed
 on a coarse 3x3 grid; "What shape is the red object?" needs one object; the object is small (about a
-quarter of a cell side) so the crop of its box shows it far larger than the full image does. Sizes and
+third of a cell side) so the crop of its box shows it far larger than the full image does. Sizes and
 RoPE settings are the ones measured to learn on 2 CPU cores in minutes: rope_theta 10 and
 mrope_section [2, 7, 7] give image columns enough angular resolution for a 4-layer model.
 """
@@ -25,6 +25,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 WIDTH, HEIGHT = 168, 112
 GRID_COLS, GRID_ROWS = 3, 3
+OBJECT = 24  # pixels: under one cell, a few merged vision tokens; the crop shows it upscaled
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -73,10 +74,11 @@ def make_example(rng, index, split, image_dir, max_objects):
     objects = []
     cell_w, cell_h = WIDTH / GRID_COLS, HEIGHT / GRID_ROWS
     for cell, colour in zip(cells, colours):
-        size = rng.randint(14, 18)
-        cx = (cell % GRID_COLS + 0.5) * cell_w + rng.randint(-3, 3)
-        cy = (cell // GRID_COLS + 0.5) * cell_h + rng.randint(-3, 3)
-        box = [int(cx - size / 2), int(cy - size / 2), int(cx - size / 2) + size, int(cy - size / 2) + size]
+        # Coarse placement: centred in its cell, one size, so the box text is one of 9 (SPEC 8: free
+        # placement does not learn at this model size on a CPU budget).
+        cx = (cell % GRID_COLS + 0.5) * cell_w
+        cy = (cell // GRID_COLS + 0.5) * cell_h
+        box = [int(cx - OBJECT / 2), int(cy - OBJECT / 2), int(cx - OBJECT / 2) + OBJECT, int(cy - OBJECT / 2) + OBJECT]
         shape = rng.choice(SHAPES)
         draw_shape(draw, shape, box, COLOURS[colour])
         objects.append((colour, shape, box))
