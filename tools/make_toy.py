@@ -64,15 +64,25 @@ def draw_shape(draw, shape, box, colour):
         draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
 
 
+def cell_tint(col, row):
+    """A pale background tint per grid cell. The tiny model's vision tokens then carry where they are in
+    their content: without it, reading position off M-RoPE alone did not learn in a CPU budget (SPEC 8)."""
+    return (235 - 30 * col, 235 - 30 * row, 205 + 15 * (col + row) // 2)
+
+
 def make_example(rng, index, split, image_dir, max_objects):
     """One image with 1..max_objects objects of distinct colours in distinct cells; one question."""
     n = rng.randint(1, max_objects)
     cells = rng.sample(range(GRID_COLS * GRID_ROWS), n)
     colours = rng.sample(list(COLOURS), n)
-    image = Image.new("RGB", (WIDTH, HEIGHT), (235, 235, 235))
+    image = Image.new("RGB", (WIDTH, HEIGHT))
     draw = ImageDraw.Draw(image)
-    objects = []
     cell_w, cell_h = WIDTH / GRID_COLS, HEIGHT / GRID_ROWS
+    for cell in range(GRID_COLS * GRID_ROWS):
+        col, row = cell % GRID_COLS, cell // GRID_COLS
+        draw.rectangle([round(col * cell_w), round(row * cell_h), round((col + 1) * cell_w) - 1,
+                        round((row + 1) * cell_h) - 1], fill=cell_tint(col, row))
+    objects = []
     for cell, colour in zip(cells, colours):
         # Coarse placement: centred in its cell, one size, so the box text is one of 9 (SPEC 8: free
         # placement does not learn at this model size on a CPU budget).
