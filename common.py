@@ -276,10 +276,9 @@ def load_processor(path):
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (ImportError, OSError):  # no torchvision; or a directory saved without a video processor
-        from transformers import AutoConfig, AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+        from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        family = AutoConfig.from_pretrained(path).model_type
-        base = Qwen2_5_VLProcessor if family == "qwen2_5_vl" else Qwen2VLProcessor
+        base = Qwen2_5_VLProcessor if processor_family(path) == "qwen2_5_vl" else Qwen2VLProcessor
 
         class ImageOnlyProcessor(base):
             def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -294,6 +293,18 @@ def load_processor(path):
     if processor.tokenizer.pad_token_id is None:
         processor.tokenizer.pad_token = "<|endoftext|>"
     return processor
+
+
+def processor_family(path):
+    """qwen2_vl or qwen2_5_vl, from the saved processor class (an adapter directory has no model config)."""
+    from transformers import AutoConfig
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if os.path.exists(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                cls = json.load(f).get("processor_class") or ""
+            if cls:
+                return "qwen2_5_vl" if "2_5" in cls else "qwen2_vl"
+    return AutoConfig.from_pretrained(path).model_type
 
 
 def resolve_dtype(name):

@@ -118,3 +118,19 @@ def test_bad_input_fails_with_clear_errors(toy, tmp_path, case):
     p = subprocess.run([PY, *sft_args(toy, tmp_path / "o", "--max_steps", "1", data=bad)], cwd=ROOT,
                        capture_output=True, text=True)
     assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
+
+
+def test_qwen25_lora_checkpointing_adapter_loads(toy, tmp_path):
+    """The other family, the default LoRA path, Qwen2.5's own box format and gradient checkpointing; the
+    final adapter loads on its base and generates."""
+    import common
+    run_script(PY, os.path.join(ROOT, "sft.py"), "--model", str(toy / "qwen2.5-vl"),
+               "--data", str(toy / "data" / "train.jsonl"), "--output_dir", str(tmp_path), "--max_steps", "3",
+               "--batch_size", "4", "--box_format", "qwen25", "--gradient_checkpointing")
+    assert losses(tmp_path)[3] < losses(tmp_path)[1]
+    assert os.path.exists(tmp_path / "final" / "adapter_model.safetensors")
+    model = common.load_model(str(toy / "qwen2.5-vl"), adapter=str(tmp_path / "final")).eval()
+    processor = common.load_processor(str(tmp_path / "final"))
+    rec = common.read_records(str(toy / "data" / "train.jsonl"))[0]
+    ex = common.Example(rec, str(toy / "data"), common.focus_messages(rec["question"]))
+    assert isinstance(common.generate(model, processor, [ex], max_new_tokens=4)[0], str)
