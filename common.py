@@ -377,13 +377,19 @@ def count_params(model):
 
 # --------------------------------------------------------------------------------- examples and batches
 
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
 class Example:
     """One chat turn to train on or generate from: images (each a record image, optionally cropped), the
     user messages, and the assistant response (None when generating). Pixels load only when encoded."""
 
-    def __init__(self, rec, image_root, messages, response=None, crop=None, n_tokens=None):
+    def __init__(self, rec, image_root, messages, response=None, crop=None):
+        if response is not None and any(t in response for t in VISION_TOKENS):
+            # It would tokenize to vision placeholders, and image tokens would stop matching features.
+            raise DataError(f"record {rec.get('id')!r}: response contains a vision special token: {response!r}")
         self.rec, self.image_root, self.messages, self.response, self.crop = rec, image_root, messages, response, crop
-        self.n_tokens = n_tokens
+        self.n_tokens = self.n_labels = None  # sequence and label lengths, when a stage measures them
 
     def images(self, full=None):
         full = full if full is not None else load_image(self.rec, self.image_root)

@@ -18,6 +18,8 @@ import math
 import os
 import time
 
+import torch
+
 import common
 from common import Example, Runtime, crop_box, box_to_text, image_size, smart_resize_hw
 
@@ -66,8 +68,6 @@ def build_examples(records, processor):
 
 
 def main():
-    import torch
-
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
     rt = Runtime(args)

@@ -130,3 +130,9 @@ def test_generate_batched_equals_one_by_one(loaded, toy):
 
 def test_two_image_processor_files_exist(toy):
     assert os.path.exists(toy / "qwen2-vl" / "preprocessor_config.json")
+
+
+def test_vision_tokens_in_a_response_are_refused(toy):
+    rec = records(toy)[0]
+    with pytest.raises(common.DataError, match="record 'train-0': response contains a vision special token"):
+        Example(rec, str(toy / "data"), common.focus_messages(rec["question"]), "look <|image_pad|> here")
