@@ -16,12 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-# Torch ranks on CPU each default to all cores and then fight over them (10x slower steps): one thread per
-# rank unless the user chose. Must run before torch is imported.
-if "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-    os.environ["OMP_NUM_THREADS"] = "1"
-
-import torch  # noqa: E402
+import torch
 
 IGNORE_INDEX = -100
 
@@ -522,6 +517,11 @@ class Runtime:
             self.device = torch.device("cuda", self.local_rank)
         else:
             self.device = torch.device("cpu")
+            if self.world > 1 and "OMP_NUM_THREADS" not in os.environ:
+                # CPU ranks each default to every core and then fight over them (steps 10x slower). torchrun
+                # sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+                local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world)
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.use_deepspeed = bool(args.deepspeed)
         if self.use_deepspeed:
             import deepspeed

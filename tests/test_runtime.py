@@ -1,0 +1,53 @@
+"""Runtime pieces without a launcher: data order, schedule, checkpoint discovery."""
+import argparse
+import math
+import os
+
+import pytest
+import torch
+
+import common
+
+
+def test_step_indices_cover_each_epoch_once_and_are_reproducible():
+    n, batch = 50, 8
+    per_epoch = n // batch
+    for epoch in range(3):
+        seen = [i for s in range(epoch * per_epoch, (epoch + 1) * per_epoch) for i in common.step_indices(n, s, batch, 7)]
+        assert len(seen) == len(set(seen)) == per_epoch * batch
+    assert common.step_indices(n, 4, batch, 7) == common.step_indices(n, 4, batch, 7)
+    assert common.step_indices(n, 0, batch, 7) != common.step_indices(n, per_epoch, batch, 7)  # reshuffled
+    assert common.step_indices(n, 0, batch, 7) != common.step_indices(n, 0, batch, 8)
+
+
+def schedule(total, warmup_ratio=0.1, min_lr_ratio=0.1, lr=1.0):
+    args = argparse.Namespace(deepspeed=None, seed=0, dtype="fp32", lr=lr, weight_decay=0.0,
+                              warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, max_grad_norm=1.0, grad_accum=1)
+    rt = common.Runtime(args)
+    rt.setup(torch.nn.Linear(2, 2), total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(rt.lr())
+        rt.optimizer.step()
+        rt.scheduler.step()
+    return lrs
+
+
+def test_warmup_then_cosine_to_the_floor():
+    lrs = schedule(100)
+    warm = lrs[:10]
+    assert warm == sorted(warm) and warm[0] < 0.2 and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    progress = 45 / 90
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_resume_latest_ignores_unfinished_checkpoints(tmp_path):
+    for name in ("checkpoint-3", "checkpoint-6", "checkpoint-9.tmp", "checkpoint-x", "final"):
+        os.makedirs(tmp_path / name)
+    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path))
+    assert common.resolve_resume(args) == str(tmp_path / "checkpoint-6")
+    assert common.resolve_resume(argparse.Namespace(resume="latest", output_dir=str(tmp_path / "none"))) is None
+    common.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-9.tmp", "checkpoint-x", "final"]
