@@ -27,9 +27,8 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------- records
 
-def read_jsonl(path):
-    """All objects of a JSONL file; a malformed line raises DataError naming file and line."""
-    rows = []
+def iter_jsonl(path):
+    """(line number, object) for each non-blank line; a malformed line raises DataError naming file and line."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -40,8 +39,11 @@ def read_jsonl(path):
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+            yield lineno, row
+
+
+def read_jsonl(path):
+    return [row for _, row in iter_jsonl(path)]
 
 
 def write_jsonl(path, rows):
@@ -76,9 +78,7 @@ def read_records(path, need_answer=True):
     """Our records from a JSONL file, validated, ids unique."""
     seen = {}
     records = []
-    with open(path, encoding="utf-8") as f:
-        lines = [i for i, line in enumerate(f, 1) if line.strip()]
-    for lineno, rec in zip(lines, read_jsonl(path)):
+    for lineno, rec in iter_jsonl(path):
         validate_record(rec, f"{path}:{lineno}", need_answer)
         if rec["id"] in seen:
             raise DataError(f"{path}:{lineno}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")

@@ -40,6 +40,13 @@ common.add_runtime_args(parser)
 args = parser.parse_args()
 
 
+KINDS = ("focus", "answer")
+
+
+def kind_of(ex):
+    return "answer" if ex.crop else "focus"
+
+
 def build_examples(records, processor):
     """Both steps of every record that has a box; over-long examples are skipped and counted."""
     examples, skipped = [], {"no_bbox": 0, "too_long": 0}
@@ -104,7 +111,8 @@ def main():
     for step in range(start_step, total_steps):
         idx = common.step_indices(len(examples), step, global_batch, args.seed)
         mine = idx[rt.rank * per_rank:(rt.rank + 1) * per_rank]
-        n_labels = sum(examples[i].n_labels for i in idx)
+        # Label-token counts of the whole global batch: the loss normaliser, overall and per step kind.
+        n_labels = {kind: sum(examples[i].n_labels for i in idx if kind_of(examples[i]) == kind) for kind in KINDS}
         for m in range(args.grad_accum):
             plan.append((mine[m * args.batch_size:(m + 1) * args.batch_size], n_labels))
     pad_id = processor.tokenizer.pad_token_id
@@ -113,7 +121,7 @@ def main():
     loader = torch.utils.data.DataLoader(
         plan, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
         collate_fn=lambda item: (common.collate([common.encode(processor, examples[i]) for i in item[0]], pad_id),
-                                 item[1]))
+                                 [kind_of(examples[i]) for i in item[0]], item[1]))
 
     model.train()
     meter = common.Throughput()
@@ -123,26 +131,30 @@ def main():
     loss_sum = 0.0
     t0 = time.time()
     for step in bar:
-        step_loss, lr = 0.0, rt.lr()  # the rate this step uses (the schedule moves on at its end)
+        lr = rt.lr()  # the rate this step uses (the schedule moves on at its end)
+        summed = {kind: 0.0 for kind in KINDS}  # summed token losses of this rank, per step kind
         for m in range(args.grad_accum):
-            batch, n_labels = next(batches)
+            batch, kinds, n_labels = next(batches)
             batch = common.to_device(batch, rt.device)
             with rt.no_sync(m == args.grad_accum - 1), rt.autocast():
-                logp, mask = common.token_logprobs(model, batch)
-                loss = -logp.sum() / n_labels
+                logp, _ = common.token_logprobs(model, batch)
+                loss = -logp.sum() / sum(n_labels.values())
                 rt.backward(loss)
-            step_loss += loss.item()
+            for kind, row_logp in zip(kinds, logp.sum(-1).tolist()):
+                summed[kind] -= row_logp
             meter.add(len(batch["input_ids"]), int(batch["attention_mask"].sum()))
         grad_norm = rt.step()
-        step_loss = rt.all_sum(step_loss)
+        summed = {kind: rt.all_sum(value) for kind, value in summed.items()}
+        step_loss = sum(summed.values()) / sum(n_labels.values())
         loss_sum += step_loss
         if rt.is_main:
             bar.set_postfix(loss=f"{step_loss:.4f}")
         if (step + 1) % args.log_steps == 0:
             rates = meter.rates()
-            log.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                       "samples_per_s": rates["samples_per_s"] * rt.world, "tokens_per_s": rates["tokens_per_s"] * rt.world,
-                       "epoch": (step + 1) / steps_per_epoch})
+            log.write({"step": step + 1, "loss": step_loss,
+                       **{f"loss_{kind}": summed[kind] / n_labels[kind] for kind in KINDS if n_labels[kind]},
+                       "lr": lr, "grad_norm": grad_norm, "samples_per_s": rates["samples_per_s"] * rt.world,
+                       "tokens_per_s": rates["tokens_per_s"] * rt.world, "epoch": (step + 1) / steps_per_epoch})
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
             common.save_checkpoint(rt, processor, args.output_dir, step + 1)
     common.save_checkpoint(rt, processor, args.output_dir, total_steps)
