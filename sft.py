@@ -38,20 +38,20 @@ common.add_model_args(parser)
 common.add_finetune_args(parser)
 common.add_runtime_args(parser)
 args = parser.parse_args()
-
-
 KINDS = ("focus", "answer")
+if not set(args.steps.split(",")) <= set(KINDS):
+    parser.error(f"--steps takes a comma-separated subset of {KINDS}, got {args.steps!r}")
 
 
 def kind_of(ex):
     return "answer" if ex.crop else "focus"
 
 
-def build_examples(records, processor):
+def build_examples(records, processor, show_progress):
     """Both steps of every record that has a box; over-long examples are skipped and counted."""
     examples, skipped = [], {"no_bbox": 0, "too_long": 0}
     steps = set(args.steps.split(","))
-    for rec in records:
+    for rec in common.progress(records, show_progress, desc="examples"):
         if rec.get("bbox") is None:
             skipped["no_bbox"] += 1
             continue
@@ -80,7 +80,7 @@ def main():
     rt = Runtime(args)
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     processor = common.load_processor(args.model)
-    examples, skipped = build_examples(common.read_records(args.data), processor)
+    examples, skipped = build_examples(common.read_records(args.data), processor, rt.is_main)
     global_batch = args.batch_size * args.grad_accum * rt.world
     if len(examples) < global_batch:
         raise SystemExit(f"{len(examples)} usable examples, fewer than one global batch of {global_batch}")
