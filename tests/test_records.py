@@ -71,7 +71,7 @@ def test_image_root_and_absolute_paths(tmp_path):
     from PIL import Image
     Image.new("RGB", (30, 20)).save(tmp_path / "x.png")
     assert common.load_image(GOOD, str(tmp_path)).size == (30, 20)
-    assert common.image_size(dict(GOOD, image=str(tmp_path / "x.png")), "/nonexistent").__eq__((30, 20))
+    assert common.image_size(dict(GOOD, image=str(tmp_path / "x.png")), "/nonexistent") == (30, 20)
 
 
 def test_write_jsonl_round_trip(tmp_path):

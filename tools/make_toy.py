@@ -10,7 +10,7 @@ writes
 
 The task (../shared/SPEC.md section 8): non-square 168x112 images, 1-3 objects of distinct colours and
 random shapes, each centred in its own cell of a coarse 3x3 grid; "What shape is the red object?" needs
-one of them; objects are small (24 px, under half a cell) so the crop of the box shows it larger. Sizes and
+one of them; objects are small (24 px in a 56x37 cell) so the crop of the box shows them larger. Sizes and
 RoPE settings are the ones measured to learn on 2 CPU cores in minutes: rope_theta 10 and
 mrope_section [2, 7, 7] give image columns enough angular resolution for a 4-layer model.
 """
@@ -66,7 +66,7 @@ def draw_shape(draw, shape, box, colour):
 
 def cell_tint(col, row):
     """A pale background tint per grid cell. The tiny model's vision tokens then carry where they are in
-    their content: without it, reading position off M-RoPE alone did not learn in a CPU budget (SPEC 8)."""
+    their content: without it, reading position off M-RoPE alone did not learn in 1500 steps (README)."""
     return (235 - 30 * col, 235 - 30 * row, 205 + 15 * (col + row) // 2)
 
 
