@@ -1,8 +1,8 @@
 """Plumbing shared by the stage scripts: records, boxes, prompts, model loading, batching, the distributed
 runtime, checkpoints and logging. Each stage's algorithm lives in its own script; nothing here trains.
 
-Sections, in order: records (JSONL) | boxes | prompts | model and processor | examples and batches |
-runtime (launchers, optimizer, schedule) | checkpoints | logging.
+Sections, in order: records (JSONL) | boxes | prompts | answers and judges | model and processor |
+examples and batches | runtime (launchers, optimizer, schedule) | checkpoints | logging.
 """
 import json
 import math
@@ -53,6 +53,28 @@ def write_jsonl(path, rows):
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+def resume_jsonl(path):
+    """Rows already in an output file that a job appends to, so a rerun skips them. A kill can leave a torn
+    last line: it is cut off here (that record is redone), never read as data."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return read_jsonl(path)
+
+
+def append_jsonl(f, rows):
+    """Append rows to an open file and push them to disk: a kill after this loses none of them."""
+    for row in rows:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def validate_record(rec, where, need_answer=True):
@@ -128,7 +150,7 @@ _BBOX2D = re.compile(rf"""["']?bbox_2d["']?\s*:\s*\[\s*({_NUM})\s*,\s*({_NUM})\s
                      re.I)
 
 
-def _square_frame(w, h):
+def square_frame(w, h):
     """Visual-CoT's frame: pad to a square of side max(w, h), centred on the short axis."""
     side = max(w, h)
     return side, ((h - w) // 2 if h > w else 0), ((w - h) // 2 if w > h else 0)
@@ -146,7 +168,7 @@ def box_to_text(box, fmt, w, h, decimals=3, resized_hw=None):
     """Pixel box -> the text the model reads/writes. resized_hw is needed for qwen25 only."""
     x1, y1, x2, y2 = box
     if fmt == "viscot":
-        side, dx, dy = _square_frame(w, h)
+        side, dx, dy = square_frame(w, h)
         vals = [(x1 + dx) / side, (y1 + dy) / side, (x2 + dx) / side, (y2 + dy) / side]
     elif fmt == "norm":
         vals = [x1 / w, y1 / h, x2 / w, y2 / h]
@@ -182,7 +204,7 @@ def parse_box(text, fmt, w, h, resized_hw=None):
         if not all(math.isfinite(x) for x in v):
             return None
         if fmt == "viscot":
-            side, dx, dy = _square_frame(w, h)
+            side, dx, dy = square_frame(w, h)
             box = [v[0] * side - dx, v[1] * side - dy, v[2] * side - dx, v[3] * side - dy]
         elif fmt == "norm":
             box = [v[0] * w, v[1] * h, v[2] * w, v[3] * h]
@@ -253,10 +275,183 @@ def focus_messages(question, prompt_set="visrl"):
                                          {"type": "text", "text": PROMPT_SETS[prompt_set]["focus"].format(question=question)}]}]
 
 
+def direct_messages(question):
+    """One step, no focus box: the image and the bare question (Visual-CoT's ablation without the chain)."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
 def answer_messages(question, prompt_set="visrl"):
     return [{"role": "user", "content": [{"type": "image"},
                                          {"type": "text", "text": PROMPT_SETS[prompt_set]["answer"].format(question=question)},
                                          {"type": "image"}]}]
+
+
+# Visual-RFT's detection prompt (its data carries it as `problem`; eval.py builds it for COCO ground truth).
+VIRFT_DETECTION_PROMPT = (
+    "Detect all objects belonging to the category '{category}' in the image, and provide the bounding boxes "
+    "(between 0 and 1000, integer) and confidence (between 0 and 1, with two decimal places).\n"
+    "If no object belonging to the category '{category}' in the image, return 'No Objects'.\n"
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+    "The output answer format should be as follows:\n"
+    "<think> ... </think> <answer>[{{'Position': [x1, y1, x2, y2], 'Confidence': number}}, ...]</answer>\n"
+    "Please strictly follow the format.")
+
+
+# ------------------------------------------------------------------------------------ answers and judges
+# Rule judges score a model answer against a reference in [0, 1]: the offline judge for VisRL's answer
+# score and Visual-CoT's answer protocol (names say which metric, so reports can too). A served judge is
+# one OpenAI-compatible call. Visual-RFT answers: <answer>...</answer> extraction and the detection list
+# parser (eval.py, grpo.py).
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text):
+    """SQuAD's normalisation: lower case, punctuation and articles removed, whitespace collapsed."""
+    return " ".join(_ARTICLES.sub(" ", _PUNCT.sub("", str(text).lower())).split())
+
+
+def exact_match(pred, ref):
+    """1 when the normalised answers are equal and not empty (an empty answer never scores)."""
+    p = normalize_answer(pred)
+    return float(bool(p) and p == normalize_answer(ref))
+
+
+def token_f1(pred, ref):
+    """SQuAD token F1 of the normalised answers."""
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    common_tokens = sum(min(p.count(t), r.count(t)) for t in set(p) & set(r))
+    if not p or not r or common_tokens == 0:
+        return float(p == r and bool(p))
+    precision, recall = common_tokens / len(p), common_tokens / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def anls(pred, ref, threshold=0.5):
+    """Average Normalised Levenshtein Similarity for one pair (DocVQA): 1 - edit distance / longer length
+    of the lower-cased, whitespace-collapsed strings; 0 when that distance is >= threshold."""
+    a, b = " ".join(str(pred).lower().split()), " ".join(str(ref).lower().split())
+    if not a and not b:
+        return 0.0
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    distance = prev[-1] / max(len(a), len(b))
+    return 1.0 - distance if distance < threshold else 0.0
+
+
+RULE_JUDGES = {"exact": exact_match, "f1": token_f1, "anls": anls}
+
+
+def http_chat(url, model, messages, api_key=None, temperature=0.0, max_tokens=64, timeout=60, retries=3,
+              backoff=1.0):
+    """The reply text of one chat completion from an OpenAI-compatible endpoint (url: its base, e.g.
+    http://127.0.0.1:8000/v1). Retries with exponential back-off, except on a request the server rejects
+    as malformed (400/401/403/404: retrying cannot help); raises RuntimeError when it gives up."""
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"model": model, "messages": messages, "temperature": temperature,
+                       "max_tokens": max_tokens}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    for attempt in range(retries + 1):
+        try:
+            req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, headers=headers)
+            with urllib.request.urlopen(req, timeout=timeout) as reply:
+                content = json.loads(reply.read())["choices"][0]["message"]["content"]
+            if not isinstance(content, str):
+                raise ValueError(f"reply content is {type(content).__name__}, not text")
+            return content
+        except urllib.error.HTTPError as e:
+            error = f"HTTP {e.code}: {e.read()[:200]!r}"
+            if e.code in (400, 401, 403, 404):
+                break
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # refused, timeout, bad JSON/shape
+            error = f"{type(e).__name__}: {e}"
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    raise RuntimeError(f"{url}: {error}")
+
+
+def extract_answer(text):
+    """Text between the first <answer> and the next </answer>, else the whole text (stripped)."""
+    text = text if isinstance(text, str) else ""
+    start = text.find("<answer>")
+    if start >= 0:
+        end = text.find("</answer>", start + len("<answer>"))
+        if end >= 0:
+            return text[start + len("<answer>"):end].strip()
+    return text.strip()
+
+
+def _close_truncated_list(s):
+    """If the top-level list is unclosed (generation cut off), keep only the complete
+    items and close it.  Returns s unchanged when brackets balance; None when nothing
+    complete survives (a cut-off answer with zero finished items is not an answer)."""
+    depth, in_str, escaped, last_item_end = 0, False, False, -1
+    for i, ch in enumerate(s):
+        if in_str:  # brackets inside strings do not count
+            if escaped:
+                escaped = False
+            elif ch == '\\':
+                escaped = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if ch == "}" and depth == 1:
+                last_item_end = i  # a top-level item just closed
+    if depth <= 0 or not s.startswith("["):
+        return s  # balanced, or not a list at all: leave it to json / validation
+    return s[:last_item_end + 1] + "]" if last_item_end >= 0 else None
+
+
+def _is_num(x):
+    # bool is an int subclass in Python; "Confidence": true is not a number.
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def parse_detections(text):
+    """Parse "[{'Position': [x1,y1,x2,y2], 'Confidence': c}, ...]" (0..1000 grid).
+
+    Returns [(box[4 floats], conf float), ...], [] for an empty list, or None when
+    the answer is unparsable or malformed.  Never raises."""
+    try:
+        s = extract_answer(text).replace('\r', '').replace('\n', '').replace("'", '"').strip()
+        # A valid list of objects can never start with "[[" or end with "]]", so stripping
+        # one outer bracket on each side is safe and fixes "[[{...}]]".
+        if s.startswith("[["):
+            s = s[1:]
+        if s.endswith("]]"):
+            s = s[:-1]
+        s = _close_truncated_list(s)
+        if s is None:
+            return None
+        items = json.loads(s)  # json, never eval: the text is model output
+        if not isinstance(items, list):
+            return None
+        out = []
+        for it in items:
+            if not isinstance(it, dict):
+                return None
+            pos, conf = it.get("Position"), it.get("Confidence")
+            if not (isinstance(pos, list) and len(pos) == 4 and all(map(_is_num, pos))
+                    and _is_num(conf)):
+                return None  # also rejects NaN/Infinity, which json accepts
+            out.append(([float(v) for v in pos], float(conf)))
+        return out
+    except Exception:
+        return None
 
 
 # ------------------------------------------------------------------------------------ model and processor
@@ -387,8 +582,11 @@ class Example:
         self.n_tokens = self.n_labels = None  # sequence and label lengths, when a stage measures them
 
     def images(self, full=None):
+        n_images = sum(1 for m in self.messages if isinstance(m["content"], list)
+                       for c in m["content"] if c["type"] == "image")
+        if n_images == 0:
+            return []
         full = full if full is not None else load_image(self.rec, self.image_root)
-        n_images = sum(1 for c in self.messages[0]["content"] if c["type"] == "image")
         return [full] if n_images == 1 else [full, full.crop(tuple(self.crop))]
 
 
@@ -411,19 +609,21 @@ def estimate_tokens(processor, ex, w, h):
 
 
 def encode(processor, ex, images=None):
-    """Token ids, labels (assistant tokens + EOS only), mm_token_type_ids and pixels of one example."""
+    """Token ids, labels (assistant tokens + EOS only), mm_token_type_ids and pixels of one example.
+    A text-only example (no image in its messages) has pixel_values None."""
     prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
-    out = processor(text=[prompt], images=images if images is not None else ex.images(), return_tensors="pt")
+    images = images if images is not None else ex.images()
+    out = processor(text=[prompt], images=images or None, return_tensors="pt")
     ids = out["input_ids"][0]
     labels = torch.full_like(ids, IGNORE_INDEX)
-    mm = out["mm_token_type_ids"][0]
+    mm = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else torch.zeros_like(ids)
     if ex.response is not None:
         tok = processor.tokenizer
         resp = torch.tensor(tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
         ids, labels = torch.cat([ids, resp]), torch.cat([labels, resp])
         mm = torch.cat([mm, torch.zeros_like(resp)])
     return {"input_ids": ids, "labels": labels, "mm_token_type_ids": mm,
-            "pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+            "pixel_values": out.get("pixel_values"), "image_grid_thw": out.get("image_grid_thw")}
 
 
 def collate(encoded, pad_id, side="right"):
@@ -439,8 +639,9 @@ def collate(encoded, pad_id, side="right"):
         ones, zeros = torch.ones(len(e["input_ids"]), dtype=torch.long), torch.zeros(pad, dtype=torch.long)
         batch["attention_mask"].append(torch.cat([ones, zeros] if side == "right" else [zeros, ones]))
     batch = {k: torch.stack(v) for k, v in batch.items()}
-    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
-    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+    with_images = [e for e in encoded if e["pixel_values"] is not None]
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images]) if with_images else None
+    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images]) if with_images else None
     return batch
 
 
@@ -457,7 +658,7 @@ def token_logprobs(model, batch, temperature=1.0):
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labelled  # the logits at t predict token t+1
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
                 mm_token_type_ids=batch["mm_token_type_ids"], logits_to_keep=keep, use_cache=False)
     logits = out.logits.float() / temperature  # (number of labelled tokens, vocab), row-major order
     logp = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
@@ -467,18 +668,31 @@ def token_logprobs(model, batch, temperature=1.0):
 
 
 @torch.no_grad()
-def generate(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
-    """Batched generation (left padding) for a list of Examples; returns the decoded responses."""
+def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
+    """Batched generation (left padding) for a list of Examples. Returns, per example, the prompt length and
+    the completion's token ids up to and including the first EOS (cut there: what follows is padding),
+    and whether it stopped at EOS (False: it hit max_new_tokens)."""
     encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
     batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
     batch.pop("labels")
+    if batch["pixel_values"] is None:  # text-only prompts
+        batch.pop("pixel_values"), batch.pop("image_grid_thw")
+    eos = processor.tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=processor.tokenizer.eos_token_id)
-    return processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos)
+    results = []
+    for e, row in zip(encoded, out[:, batch["input_ids"].shape[1]:].tolist()):
+        stop = row.index(eos) + 1 if eos in row else len(row)
+        results.append({"prompt_tokens": len(e["input_ids"]), "ids": row[:stop], "stopped": eos in row})
+    return results
 
 
-# ----------------------------------------------------------------------------------------------- runtime
+def generate(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
+    """Batched generation; returns the decoded responses (special tokens dropped)."""
+    results = generate_tokens(model, processor, examples, max_new_tokens, do_sample, temperature, images)
+    return processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
+
 
 def add_runtime_args(parser):
     g = parser.add_argument_group("runtime")
@@ -744,12 +958,41 @@ def save_final(rt, processor, out_dir):
 
 
 def save_model(module, processor, out_dir, state_dict=None):
-    """Save weights (a PEFT adapter, or the full model) with the processor, as a from_pretrained directory."""
+    """Save weights (a PEFT adapter, or the full model) with the processor, as a from_pretrained directory.
+    An adapter also records which base it was trained on (adapter_base.json), so merge.py can refuse a
+    different one."""
     module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    base = getattr(module, "peft_config", {}).get("default")
+    if base is not None and os.path.isdir(base.base_model_name_or_path or ""):
+        with open(os.path.join(out_dir, "adapter_base.json"), "w") as f:
+            json.dump({"base_model": base.base_model_name_or_path,
+                       "fingerprint": weights_fingerprint(base.base_model_name_or_path)}, f, indent=1)
     processor.save_pretrained(out_dir)
     # preprocessor_config.json as in the checkpoints Qwen ships: AutoProcessor builds the video processor
     # from it too, so the saved directory loads like the original one.
     processor.image_processor.save_pretrained(out_dir)
+
+
+def weights_fingerprint(model_dir):
+    """A hash of a model directory's weights that reads little: every tensor's shape and first row, rounded
+    to bf16 (a bf16 and an fp32 copy of the same weights agree), ignoring tensor names (checkpoints re-saved
+    by another transformers version rename them). Two checkpoints that differ anywhere in training (an SFT
+    merge changes every LoRA-targeted layer) differ here."""
+    import hashlib
+    from safetensors import safe_open
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and not f.startswith("adapter_"))
+    if not files:
+        raise DataError(f"{model_dir}: no *.safetensors weights to fingerprint")
+    rows = []
+    for name in files:
+        with safe_open(os.path.join(model_dir, name), framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                shape = tuple(sl.get_shape())
+                row = sl[:1] if shape else f.get_tensor(key).reshape(1)
+                h = hashlib.sha256(str(shape).encode() + row.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+                rows.append(h.hexdigest())
+    return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()[:16]
 
 
 def prune_checkpoints(out_dir, keep):

@@ -1,0 +1,438 @@
+"""Two-step inference (SPEC section 1): the model writes a focus box, the box is cropped, and it answers
+looking at the full image and the crop. Batched, greedy or sampled; or an OpenAI-compatible endpoint.
+
+    python infer.py --model DIR [--adapter A] --data records.jsonl --out preds.jsonl [--mode chain]
+    python infer.py --model DIR --image photo.jpg --question "What is written on the sign?"
+    python infer.py --serve --model DIR [--host 127.0.0.1] [--port 8000] [--image_dir DIR]
+
+Modes: chain (focus box -> crop -> answer), focus (the box step alone), direct (image + question as the
+whole prompt, one step, no box), gt_box (the record's annotated box is the crop; no focus step).
+Output: one JSON line per record, appended as each batch finishes; a rerun with the same --out skips the records already there. Records whose image fails to
+load go to OUT.errors.jsonl and are retried by the next run.
+
+The endpoint serves `POST /v1/chat/completions` and `GET /v1/models`. Model `<name>` is plain chat;
+`<name>-two-step` runs the chain on the conversation's one image and its last user text, and returns the
+answer as the message content plus the box under `focus`. Images come as base64 `data:` URLs, or as local
+paths only under --image_dir; remote URLs are never fetched. It binds to 127.0.0.1 unless told otherwise.
+"""
+import argparse
+import base64
+import binascii
+import io
+import json
+import os
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+from PIL import Image
+
+import common
+
+MODES = ("chain", "focus", "direct", "gt_box")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_model_args(parser)
+    g = parser.add_argument_group("inference")
+    g.add_argument("--data", default=None, help="records to answer (JSONL; id, image, question, optional bbox)")
+    g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
+    g.add_argument("--out", default=None, help="output JSONL (appended; a rerun skips records already in it)")
+    g.add_argument("--image", default=None, help="one image file (with --question): print one answer")
+    g.add_argument("--question", default=None, help="the question for --image")
+    g.add_argument("--mode", default="chain", choices=MODES,
+                   help="chain, focus (box only), direct (no box) or gt_box (annotated crop)")
+    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
+    g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
+    g.add_argument("--batch_size", type=int, default=16, help="records per generate call")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per step")
+    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    s = parser.add_argument_group("server")
+    s.add_argument("--serve", action="store_true", help="serve an OpenAI-compatible endpoint instead")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    s.add_argument("--served_name", default=None, help="model name in the API (default: the model directory's name)")
+    s.add_argument("--image_dir", default=None, help="allow image paths under this directory (default: none)")
+    s.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body accepted")
+    s.add_argument("--max_tokens_limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    args = parser.parse_args(argv)
+    if not args.serve and not args.data and not args.image:
+        parser.error("give --data (with --out), --image with --question, or --serve")
+    if args.data and not args.out:
+        parser.error("--data needs --out")
+    if args.image and not args.question:
+        parser.error("--image needs --question")
+    return args
+
+
+# --------------------------------------------------------------------------------------- the chain
+
+def run_batch(model, processor, records, images, mode="chain", box_format="viscot", prompt_set="visrl",
+              max_new_tokens=64, do_sample=False, temperature=1.0):
+    """One output row per record. `images` are the records' full images (PIL), decoded once and used by
+    both steps. Timings are the step's batch time divided by the batch size."""
+    n = len(records)
+    rows = [{"id": rec.get("id"), "question": rec["question"], "mode": mode, "box_text": None, "box": None,
+             "crop": None} for rec in records]
+    for row, rec in zip(rows, records):
+        row.update({k: rec[k] for k in ("question_id", "dataset") if k in rec})
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
+
+    if mode == "direct":
+        t = time.time()
+        examples = [common.Example(rec, None, common.direct_messages(rec["question"])) for rec in records]
+        answers = step(model, processor, examples, [[im] for im in images], gen)
+        for row, (answer, usage) in zip(rows, answers):
+            row.update(answer=answer, focus_s=0.0, answer_s=(time.time() - t) / n, usage={"answer": usage})
+        return rows
+
+    t = time.time()
+    if mode in ("chain", "focus"):
+        focus = [common.Example(rec, None, common.focus_messages(rec["question"], prompt_set)) for rec in records]
+        box_texts = step(model, processor, focus, [[im] for im in images], gen)
+        for row, im, (text, usage) in zip(rows, images, box_texts):
+            w, h = im.size
+            resized = common.smart_resize_hw(processor, w, h) if box_format == "qwen25" else None
+            row.update(box_text=text, box=common.parse_box(text, box_format, w, h, resized), usage={"focus": usage})
+    else:  # gt_box: the annotated box is the crop
+        for row, rec in zip(rows, records):
+            if rec.get("bbox") is None:
+                raise common.DataError(f"record {rec.get('id')!r}: --mode gt_box needs a bbox")
+            row["box"] = rec["bbox"]
+    focus_s = (time.time() - t) / n
+    if mode == "focus":
+        for row in rows:
+            row.update(answer=None, focus_s=focus_s, answer_s=0.0)
+        return rows
+
+    t = time.time()
+    examples, step2_images = [], []
+    for row, rec, im in zip(rows, records, images):
+        w, h = im.size
+        # An unparsable box still gets an answer: the full image stands in for the crop.
+        row["crop"] = common.crop_box(row["box"] or [0, 0, w, h], w, h)
+        ex = common.Example(rec, None, common.answer_messages(rec["question"], prompt_set), crop=row["crop"])
+        examples.append(ex)
+        step2_images.append(ex.images(full=im))
+    answers = step(model, processor, examples, step2_images, gen)
+    for row, (answer, usage) in zip(rows, answers):
+        row.update(answer=answer, focus_s=focus_s, answer_s=(time.time() - t) / n)
+        row.setdefault("usage", {})["answer"] = usage
+    return rows
+
+
+def step(model, processor, examples, images, gen):
+    """One generate call: (text, usage) per example; usage = prompt and completion tokens, and whether it
+    stopped at EOS (False: it hit max_new_tokens)."""
+    results = common.generate_tokens(model, processor, examples, images=images, **gen)
+    texts = processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
+    return [(text, {"prompt_tokens": r["prompt_tokens"], "completion_tokens": len(r["ids"]), "stopped": r["stopped"]})
+            for text, r in zip(texts, results)]
+
+
+def run_file(model, processor, records, image_root, out_path, batch_size=16, show_progress=True, **chain_kw):
+    """Answer every record not yet in out_path, appending one line per record as each batch finishes.
+    Returns (rows written now, rows already there, records whose image failed to load)."""
+    done = {row.get("id") for row in common.resume_jsonl(out_path)}
+    todo = [rec for rec in records if rec["id"] not in done]
+    errors_path = out_path + ".errors.jsonl"
+    written, errors = 0, []
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as out, \
+            common.progress(total=len(todo), enabled=show_progress, desc="infer", unit="rec") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch, images = [], []
+            for rec in todo[start:start + batch_size]:
+                try:
+                    images.append(common.load_image(rec, image_root))
+                    batch.append(rec)
+                except common.DataError as e:
+                    errors.append({"id": rec["id"], "error": str(e)})
+            if batch:
+                rows = run_batch(model, processor, batch, images, **chain_kw)
+                common.append_jsonl(out, rows)
+                written += len(rows)
+            bar.update(len(todo[start:start + batch_size]))
+    # Rewritten each run: an error that a fixed file cures disappears from the list on the next run.
+    common.write_jsonl(errors_path, errors) if errors else (os.path.exists(errors_path) and os.remove(errors_path))
+    return written, len(done), errors
+
+
+# ------------------------------------------------------------------------------------------ server
+
+class RequestError(Exception):
+    def __init__(self, status, message, param=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def decode_image(url, image_dir):
+    """A PIL image from a data: URL, or from a path under image_dir; nothing else (no remote fetch)."""
+    if not isinstance(url, str) or not url:
+        raise RequestError(400, "image_url.url must be a non-empty string", "messages")
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        if ";base64" not in header:
+            raise RequestError(400, "data: URLs must be base64-encoded", "messages")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "image data: URL is not valid base64", "messages") from None
+        source = io.BytesIO(raw)
+    elif url.split(":", 1)[0].lower() in ("http", "https", "ftp", "s3", "gs"):
+        raise RequestError(400, "remote image URLs are not fetched; send the image as a base64 data: URL",
+                           "messages")
+    else:
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if image_dir is None:
+            raise RequestError(403, "local image paths are not allowed (start the server with --image_dir)",
+                               "messages")
+        if "\x00" in path:  # os.path.realpath would raise ValueError: a 500 for a client's mistake
+            raise RequestError(400, "image path contains a NUL byte", "messages")
+        root = os.path.realpath(image_dir)
+        full = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([root, full]) != root:
+            raise RequestError(403, f"image path {path!r} is outside the allowed directory", "messages")
+        if not os.path.isfile(full):
+            raise RequestError(400, f"image path {path!r} does not exist", "messages")
+        source = full
+    try:
+        with Image.open(source) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(400, f"cannot decode image: {e}", "messages") from None
+
+
+def chat_to_messages(messages, image_dir):
+    """OpenAI chat messages -> (chat-template messages, images in order)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", "messages")
+    out, images = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
+        content = m.get("content")
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+                    parts.append({"type": "text", "text": p["text"]})
+                elif isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
+                    images.append(decode_image(p["image_url"].get("url"), image_dir))
+                    parts.append({"type": "image"})
+                else:
+                    raise RequestError(400, f"messages[{i}]: content parts must be text or image_url", "messages")
+        else:
+            raise RequestError(400, f"messages[{i}]: content must be a string or a list of parts", "messages")
+        if any(t in p.get("text", "") for p in parts for t in common.VISION_TOKENS):
+            raise RequestError(400, f"messages[{i}] contains a vision special token", "messages")
+        out.append({"role": m["role"], "content": parts})
+    return out, images
+
+
+class Server:
+    """The model behind a lock: requests are answered one generate call at a time."""
+
+    def __init__(self, model, processor, args):
+        self.model, self.processor, self.args = model, processor, args
+        self.name = args.served_name or os.path.basename(os.path.normpath(args.model))
+        self.lock = threading.Lock()
+
+    def models(self):
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}
+                                           for name in (self.name, self.name + "-two-step")]}
+
+    def complete(self, body):
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        if body.get("model") not in (self.name, self.name + "-two-step"):
+            raise RequestError(404, f"unknown model {body.get('model')!r}; GET /v1/models lists them", "model")
+        if body.get("stream"):
+            raise RequestError(400, "streaming is not supported", "stream")
+
+        def opt(key, default):  # absent or null takes the default, as in the OpenAI API (clients send null)
+            return default if body.get(key) is None else body[key]
+        n = opt("n", 1)
+        max_tokens = opt("max_completion_tokens", opt("max_tokens", self.args.max_new_tokens))
+        temperature = opt("temperature", 1.0)  # OpenAI's default: sample at 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+            raise RequestError(400, "'n' must be an integer in 1..16", "n")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
+                not 1 <= max_tokens <= self.args.max_tokens_limit:
+            raise RequestError(400, f"'max_tokens' must be an integer in 1..{self.args.max_tokens_limit}", "max_tokens")
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+            raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
+        messages, images = chat_to_messages(body.get("messages"), self.args.image_dir)
+        gen = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        with self.lock, torch.no_grad():
+            if body["model"].endswith("-two-step"):
+                choices, usage = self._two_step(messages, images, n, gen)
+            else:
+                choices, usage = self._chat(messages, images, n, gen, rid)
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+                "choices": choices, "usage": usage}
+
+    def _chat(self, messages, images, n, gen, rid):
+        examples = [common.Example({"id": rid}, None, messages) for _ in range(n)]
+        results = common.generate_tokens(self.model, self.processor, examples, images=[images] * n, **gen)
+        texts = self.processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop" if r["stopped"] else "length"}
+                   for i, (text, r) in enumerate(zip(texts, results))]
+        prompt, completion = results[0]["prompt_tokens"], sum(len(r["ids"]) for r in results)
+        return choices, {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _two_step(self, messages, images, n, gen):
+        if len(images) != 1:
+            raise RequestError(400, f"the two-step model needs exactly one image, got {len(images)}", "messages")
+        texts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
+        question = texts[-1].strip() if texts else ""
+        if not question:
+            raise RequestError(400, "the two-step model needs a question in the last user text", "messages")
+        rows = run_batch(self.model, self.processor, [{"id": str(i), "question": question} for i in range(n)],
+                         images * n, "chain", self.args.box_format, self.args.prompt_set, **gen)
+        choices = [{"index": i, "message": {"role": "assistant", "content": row["answer"]},
+                    "finish_reason": "stop" if row["usage"]["answer"]["stopped"] else "length",
+                    "focus": {"box_text": row["box_text"], "box": row["box"], "crop": row["crop"]}}
+                   for i, row in enumerate(rows)]
+        steps = [u for row in rows for u in row["usage"].values()]
+        prompt = sum(u["prompt_tokens"] for u in rows[0]["usage"].values())  # the prompts, counted once
+        completion = sum(u["completion_tokens"] for u in steps)
+        return choices, {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def make_handler(server):
+    max_body = int(server.args.max_body_mb * 1024 * 1024)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:  # tell the client not to reuse this connection
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _discard_body(self, length, seconds=10.0):
+            """Read and drop a rejected body (for a while at most) before the connection closes: a client
+            that writes all of it before reading the reply (urllib, http.client) otherwise gets a broken
+            pipe or a reset connection instead of the reply."""
+            deadline = time.monotonic() + seconds
+            self.connection.settimeout(seconds)
+            try:
+                while length > 0 and time.monotonic() < deadline:
+                    chunk = self.rfile.read1(min(length, 1 << 16))
+                    if not chunk:
+                        break
+                    length -= len(chunk)
+            except OSError:
+                pass
+
+        def _error(self, status, message, param=None):
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._send(200, server.models())
+            elif self.path.rstrip("/") == "/health":
+                self._send(200, {"status": "ok"})
+            else:
+                self._error(404, f"no route {self.path}")
+
+        def do_POST(self):
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                self._error(404, f"no route {self.path}")
+                return
+            try:
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                self.close_connection = True
+                self._error(411, "a Content-Length header is required")
+                return
+            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+                self.close_connection = True
+                self._error(400, "Content-Length must not be negative")
+                return
+            if length > max_body:
+                self.close_connection = True  # the unread body must not be parsed as the next request
+                self._error(413, f"request body of {length} bytes exceeds --max_body_mb ({max_body} bytes)")
+                self._discard_body(length)
+                return
+            try:
+                body = json.loads(self.rfile.read(length))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+                self._error(400, f"request body is not valid JSON: {e}")
+                return
+            try:
+                self._send(200, server.complete(body))
+            except RequestError as e:
+                self._error(e.status, e.message, e.param)
+            except Exception as e:  # noqa: BLE001 - the server answers every request, and keeps running
+                self._error(500, f"{type(e).__name__}: {e}")
+
+        def log_message(self, fmt, *a):
+            sys.stderr.write("infer.py serve: " + fmt % a + "\n")
+
+    return Handler
+
+
+def serve(model, processor, args):
+    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(Server(model, processor, args)))
+    host, port = httpd.server_address[:2]
+    print(f"infer.py: serving {args.served_name or os.path.basename(os.path.normpath(args.model))} on "
+          f"http://{host}:{port}/v1", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+
+
+# -------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    processor = common.load_processor(args.model)
+    model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
+    if torch.cuda.is_available():
+        model.cuda()
+    if args.serve:
+        serve(model, processor, args)
+        return
+    chain_kw = dict(mode=args.mode, box_format=args.box_format, prompt_set=args.prompt_set,
+                    max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature)
+    if args.image:
+        rec = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question}
+        print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))
+        return
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+    records = common.read_records(args.data, need_answer=False)
+    t = time.time()
+    written, skipped, errors = run_file(model, processor, records, image_root, args.out, args.batch_size, **chain_kw)
+    dt = time.time() - t
+    print(f"infer.py: {written} records answered in {dt:.1f}s ({written / max(dt, 1e-9):.2f} rec/s), "
+          f"{skipped} already done, {len(errors)} image errors"
+          + (f" (listed in {args.out}.errors.jsonl)" if errors else "") + f" -> {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except common.DataError as e:
+        raise SystemExit(f"infer.py: error: {e}") from None

@@ -1,0 +1,150 @@
+"""Merge a LoRA adapter into its base: one plain checkpoint directory (safetensors shards, config,
+tokenizer, processor, chat template) that loads with from_pretrained and starts the next stage, and serves
+as that stage's reference model (SPEC trap 12).
+
+    python merge.py --model BASE --adapter runs/sft/final --out runs/sft_merged [--dtype auto]
+
+It checks itself: the merged model's logits on a probe input (an image and a two-step prompt) equal the
+adapter model's within --tolerance (relative to the largest logit), and the saved directory, reloaded,
+gives the logits of the in-memory merged model. It refuses an adapter trained on a different base: the
+adapter's recorded base fingerprint (adapter_base.json, written by our stages) must match --model's
+weights, and every adapter tensor must find its layer, with its shape, in --model.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import common
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="base model directory the adapter was trained on")
+    parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
+    parser.add_argument("--out", required=True, help="output directory for the merged checkpoint")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                        help="dtype to save in; auto = the base checkpoint's own dtype")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest allowed |logit difference| / max |logit| between adapter and merged model")
+    parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
+    return parser.parse_args(argv)
+
+
+def fail(message):
+    raise SystemExit(f"merge.py: error: {message}")
+
+
+def check_base(args):
+    """Refuse an adapter recorded as trained on other weights than --model's."""
+    if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
+        fail(f"{args.adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    record = os.path.join(args.adapter, "adapter_base.json")
+    if not os.path.exists(record):
+        print(f"merge.py: {args.adapter} does not record its base (not written by our stages): "
+              "checking layer names and shapes only", file=sys.stderr)
+        return
+    with open(record) as f:
+        recorded = json.load(f)
+    actual = common.weights_fingerprint(args.model)
+    if actual != recorded["fingerprint"]:
+        fail(f"the adapter was trained on {recorded['base_model']} (weights fingerprint {recorded['fingerprint']}), "
+             f"but --model {args.model} has other weights (fingerprint {actual}). Merge it onto the model it was "
+             "trained from; a stage started from a merged checkpoint has that checkpoint as its base.")
+
+
+def load_adapter_model(args):
+    """Base in float32 with the adapter on top; every tensor in the adapter file must land in the model."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+    model = common.load_model(args.model, torch.float32)
+    try:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, args.adapter)
+    except (RuntimeError, ValueError, KeyError) as e:  # size mismatch, target modules not found
+        fail(f"adapter {args.adapter} does not fit base {args.model}: {str(e).splitlines()[0]}")
+    saved = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    missing = [k for k in saved if k not in expected]
+    if missing:
+        fail(f"adapter {args.adapter} has {len(missing)} tensors with no layer in base {args.model} "
+             f"(first: {missing[0]})")
+    return model.eval()
+
+
+def probe_batch(processor):
+    """A fixed input through the full two-step prompt path: a gradient image, its crop, and a question."""
+    w, h = 224, 168
+    grid = np.stack(np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)), -1)
+    image = Image.fromarray(np.concatenate([grid, grid[..., :1]], -1).astype(np.uint8))
+    ex = common.Example({"id": "probe"}, None, common.answer_messages("What is in the top left corner?"),
+                        response="a gradient", crop=[0, 0, 112, 84])
+    return common.collate([common.encode(processor, ex, ex.images(full=image))],
+                          processor.tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def logits(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                 mm_token_type_ids=batch["mm_token_type_ids"], use_cache=False).logits.float()
+
+
+def checkpoint_dtype(model_dir):
+    """The dtype a checkpoint was saved in (its config's dtype / torch_dtype), float32 if it says none."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def relative_diff(a, b):
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    check_base(args)
+    has_processor = any(os.path.exists(os.path.join(args.adapter, f))
+                        for f in ("processor_config.json", "preprocessor_config.json"))
+    processor = common.load_processor(args.adapter if has_processor else args.model)
+    model = load_adapter_model(args)
+    batch = probe_batch(processor)
+    with_adapter = logits(model, batch)
+
+    merged = model.merge_and_unload()
+    merged_logits = logits(merged, batch)
+    diff = relative_diff(with_adapter, merged_logits)
+    print(f"merge.py: adapter vs merged logits (float32): max |diff| / max |logit| = {diff:.2e} "
+          f"(tolerance {args.tolerance:.0e})")
+    if not diff <= args.tolerance:
+        fail(f"merged model's logits differ from the adapter model's by {diff:.2e} > {args.tolerance:.0e}")
+
+    dtype = common.resolve_dtype(args.dtype) if args.dtype != "auto" else checkpoint_dtype(args.model)
+    merged = merged.to(dtype)
+    tmp = args.out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+    processor.save_pretrained(tmp)
+    processor.image_processor.save_pretrained(tmp)
+    shutil.rmtree(args.out, ignore_errors=True)
+    os.replace(tmp, args.out)
+
+    reloaded = common.load_model(args.out, dtype).eval()
+    reload_diff = relative_diff(logits(merged, batch), logits(reloaded, batch))
+    print(f"merge.py: reloaded {args.out} ({str(dtype).replace('torch.', '')}) vs in-memory merged logits: "
+          f"max |diff| / max |logit| = {reload_diff:.2e}")
+    if not reload_diff <= args.tolerance:
+        fail(f"the saved checkpoint does not reproduce the merged model ({reload_diff:.2e})")
+    print(f"merge.py: {args.adapter} + {args.model} -> {args.out} in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

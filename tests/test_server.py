@@ -1,0 +1,343 @@
+"""The OpenAI-compatible endpoint (`infer.py --serve`), served in-process on a free port with the tiny random
+Qwen2-VL: the official openai client end to end (plain chat, two-step with its `focus`, n, text-only; greedy
+replies equal in-process generation), and every rejection answered with its status and an OpenAI-style JSON
+error, without hanging, without fetching anything remote, and without reading files outside --image_dir."""
+import base64
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import ThreadingHTTPServer
+from types import SimpleNamespace
+
+import openai
+import pytest
+from PIL import Image
+
+import common
+import infer
+
+NAME = "qwen2-vl"  # the served name: the model directory's name
+TWO_STEP = NAME + "-two-step"
+QUESTION = "What shape is the red object?"
+IMAGE = "images/train_00000.png"  # relative to --image_dir (the toy data directory)
+MAX_TOKENS = 8  # the model is random: a few tokens show the structure as well as many would
+
+
+def start(model, processor, argv):
+    """An in-process server on a free port, as `serve` builds it; returns (httpd, thread)."""
+    args = infer.parse_args(argv)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), infer.make_handler(infer.Server(model, processor, args)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    return httpd, thread
+
+
+@pytest.fixture(scope="module")
+def srv(toy):
+    path = str(toy / NAME)
+    model, processor = common.load_model(path).eval(), common.load_processor(path)
+    httpd, thread = start(model, processor, ["--serve", "--model", path, "--port", "0",
+                                             "--image_dir", str(toy / "data"), "--max_body_mb", "0.5"])
+    with open(toy / "data" / IMAGE, "rb") as f:
+        png = f.read()
+    yield SimpleNamespace(port=httpd.server_address[1], model=model, processor=processor, toy=toy,
+                          image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                          image=Image.open(toy / "data" / IMAGE).convert("RGB"))
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    # No retries: an error must surface as the server sent it, not be retried into a timeout.
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{srv.port}/v1", api_key="x", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def image_part(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_part(text=QUESTION):
+    return {"type": "text", "text": text}
+
+
+def chat(content, model=NAME, **fields):
+    """A request body: one user message with `content`, greedy, few tokens."""
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, **fields}
+
+
+def request(port, method, path, body=None, headers=None, timeout=30):
+    """(status, JSON reply) of one raw HTTP request on a fresh connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, json.loads(reply.read())
+    finally:
+        conn.close()
+
+
+def post(port, payload, **kw):
+    """POST to the chat endpoint: payload as raw bytes, or anything else as JSON."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return request(port, "POST", "/v1/chat/completions", body, {"Content-Type": "application/json"}, **kw)
+
+
+def assert_error(status, reply, expected):
+    """The status, and an OpenAI-style error body that says what was wrong."""
+    assert status == expected, reply
+    assert isinstance(reply["error"]["message"], str) and reply["error"]["message"]
+    assert reply["error"]["code"] == expected
+
+
+def raw_exchange(port, data, timeout=10):
+    """Send raw bytes on a socket and return the start of the reply (for requests http.client won't make)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        return s.recv(4096)
+
+
+# ----------------------------------------------------------------------------- the openai client, end to end
+
+def test_models_lists_plain_and_two_step(client):
+    assert [m.id for m in client.models.list()] == [NAME, TWO_STEP]
+
+
+def test_chat_with_image(srv, client):
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+        image_part(srv.image_url), text_part()]}], max_tokens=MAX_TOKENS, temperature=0)
+    assert isinstance(r, openai.types.chat.ChatCompletion)
+    assert r.object == "chat.completion" and r.model == NAME and r.id.startswith("chatcmpl-")
+    assert len(r.choices) == 1 and r.choices[0].index == 0
+    assert r.choices[0].message.role == "assistant" and isinstance(r.choices[0].message.content, str)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= MAX_TOKENS
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_greedy_is_deterministic_and_the_in_process_path(srv, client):
+    """Greedy replies repeat, and equal common.generate on the same messages and image: the server runs
+    the same encode/generate path as training and evaluation, with the image decoded the same way."""
+    messages = [{"role": "user", "content": [image_part(srv.image_url), text_part()]}]
+    texts = [client.chat.completions.create(model=NAME, messages=messages, max_tokens=MAX_TOKENS,
+                                            temperature=0).choices[0].message.content for _ in range(2)]
+    ex = common.Example({"id": "local"}, None, [{"role": "user", "content": [{"type": "image"}, text_part()]}])
+    local = common.generate(srv.model, srv.processor, [ex], max_new_tokens=MAX_TOKENS, images=[[srv.image]])
+    assert texts[0] == texts[1] == local[0]
+
+
+def test_two_step_returns_answer_and_focus(srv, client):
+    r = client.chat.completions.create(model=TWO_STEP, messages=[{"role": "user", "content": [
+        image_part(srv.image_url), text_part()]}], max_tokens=MAX_TOKENS, temperature=0)
+    assert r.model == TWO_STEP and len(r.choices) == 1
+    choice = r.choices[0]
+    assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+    focus = choice.model_extra["focus"]  # not in the OpenAI schema: pydantic keeps it as an extra field
+    assert focus == choice.to_dict()["focus"]
+    assert isinstance(focus["box_text"], str)
+    box = focus["box"]  # None when the (random) model's box text does not parse
+    assert box is None or (len(box) == 4 and all(isinstance(v, (int, float)) for v in box))
+    crop, (w, h) = focus["crop"], srv.image.size
+    assert isinstance(crop, list) and len(crop) == 4 and all(type(v) is int for v in crop)
+    assert 0 <= crop[0] < crop[2] <= w and 0 <= crop[1] < crop[3] <= h
+    # The same chain as `infer.py --data` (greedy): same box text, crop and answer.
+    row = infer.run_batch(srv.model, srv.processor, [{"id": "0", "question": QUESTION}], [srv.image],
+                          max_new_tokens=MAX_TOKENS)[0]
+    assert (choice.message.content, focus) == (row["answer"], {k: row[k] for k in ("box_text", "box", "crop")})
+
+
+@pytest.mark.parametrize("model", [NAME, TWO_STEP])
+def test_n_choices(srv, client, model):
+    # Default temperature (1.0): the sampled path, which n is for.
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
+        image_part(srv.image_url), text_part()]}], max_tokens=MAX_TOKENS, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    assert all(isinstance(c.message.content, str) for c in r.choices)
+
+
+def test_text_only_chat(client):
+    r = client.chat.completions.create(model=NAME, messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello"}],
+        max_tokens=MAX_TOKENS, temperature=0)
+    assert len(r.choices) == 1 and isinstance(r.choices[0].message.content, str)
+    assert r.usage.prompt_tokens > 0
+
+
+def test_null_fields_take_defaults(srv):
+    # OpenAI marks n, temperature and max_tokens nullable, and some clients send null for "not set".
+    status, reply = post(srv.port, chat("Hello", n=None, temperature=None, max_tokens=None,
+                                        max_completion_tokens=MAX_TOKENS))
+    assert status == 200 and len(reply["choices"]) == 1 and reply["usage"]["completion_tokens"] <= MAX_TOKENS
+
+
+def test_client_raises_typed_errors(srv, client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], n=0)
+    assert e.value.status_code == 400 and "'n'" in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}])
+
+
+# ------------------------------------------------------------------------------------- rejected requests
+
+# (id, body from the test image's data: URL, status). Each is answered at once, before any generation.
+BAD_REQUESTS = [
+    ("bad_json", lambda img: b'{"model": ', 400),
+    ("invalid_utf8", lambda img: b'{"model": "\xff"}', 400),
+    ("deeply_nested_json", lambda img: b"[" * 100_000, 400),
+    ("body_not_object", lambda img: [chat("Hi")], 400),
+    ("missing_messages", lambda img: {"model": NAME}, 400),
+    ("empty_messages", lambda img: {"model": NAME, "messages": []}, 400),
+    ("bad_role", lambda img: {"model": NAME, "messages": [{"role": "tool", "content": "x"}]}, 400),
+    ("content_not_text_or_parts", lambda img: chat(None), 400),
+    ("unknown_model", lambda img: chat("Hi", model="gpt-4o"), 404),
+    ("stream", lambda img: chat("Hi", stream=True), 400),
+    ("n_zero", lambda img: chat("Hi", n=0), 400),
+    ("n_too_many", lambda img: chat("Hi", n=17), 400),
+    ("n_not_int", lambda img: chat("Hi", n="2"), 400),
+    ("max_tokens_zero", lambda img: chat("Hi", max_tokens=0), 400),
+    ("max_tokens_over_limit", lambda img: chat("Hi", max_tokens=10 ** 6), 400),
+    ("temperature_out_of_range", lambda img: chat("Hi", temperature=3), 400),
+    ("vision_token_in_text", lambda img: chat("look: <|image_pad|>"), 400),
+    ("unknown_part_type", lambda img: chat([{"type": "input_audio", "input_audio": {"data": ""}}]), 400),
+    ("image_url_not_object", lambda img: chat([{"type": "image_url", "image_url": img}]), 400),
+    ("invalid_base64", lambda img: chat([image_part("data:image/png;base64,@@not base64@@"), text_part()]), 400),
+    ("base64_not_image", lambda img: chat([image_part("data:image/png;base64,aGVsbG8sIG5vdCBhIFBORw=="),
+                                           text_part()]), 400),  # b"hello, not a PNG"
+    ("data_url_not_base64", lambda img: chat([image_part("data:image/png,rawbytes"), text_part()]), 400),
+    ("remote_http", lambda img: chat([image_part("http://example.com/cat.png"), text_part()]), 400),
+    ("absolute_path_outside", lambda img: chat([image_part("/etc/passwd"), text_part()]), 403),
+    ("file_url_outside", lambda img: chat([image_part("file:///etc/passwd"), text_part()]), 403),
+    ("dotdot_outside", lambda img: chat([image_part("../../x.png"), text_part()]), 403),
+    ("missing_file_inside", lambda img: chat([image_part("images/none.png"), text_part()]), 400),
+    ("not_an_image_inside", lambda img: chat([image_part("train.jsonl"), text_part()]), 400),
+    ("nul_byte_in_path", lambda img: chat([image_part("images/\x00.png"), text_part()]), 400),
+    ("two_step_no_image", lambda img: chat([text_part()], model=TWO_STEP), 400),
+    ("two_step_two_images", lambda img: chat([image_part(img), image_part(img), text_part()], TWO_STEP), 400),
+    ("two_step_no_question", lambda img: chat([image_part(img)], model=TWO_STEP), 400),
+]
+
+
+@pytest.mark.parametrize("make_body,expected", [c[1:] for c in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_request(srv, make_body, expected):
+    assert_error(*post(srv.port, make_body(srv.image_url)), expected)
+
+
+def test_local_image_inside_image_dir(srv):
+    """A path (plain or file:) under --image_dir is read, and gives the same reply as the image sent inline."""
+    replies = [post(srv.port, chat([image_part(url), text_part()]))
+               for url in (IMAGE, "file://" + IMAGE, str(srv.toy / "data" / IMAGE), srv.image_url)]
+    assert [status for status, _ in replies] == [200] * 4
+    assert len({reply["choices"][0]["message"]["content"] for _, reply in replies}) == 1
+
+
+def test_symlink_out_of_image_dir_is_refused(srv, tmp_path):
+    # The check is on the resolved path: a link inside the directory cannot lead out of it.
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "inside" / "link.png").symlink_to(srv.toy / "data" / IMAGE)
+    with pytest.raises(infer.RequestError) as e:
+        infer.decode_image("link.png", str(tmp_path / "inside"))
+    assert e.value.status == 403
+    with pytest.raises(infer.RequestError) as e:  # and without --image_dir, no local path at all
+        infer.decode_image(IMAGE, None)
+    assert e.value.status == 403
+
+
+def test_remote_image_is_never_fetched(srv, monkeypatch):
+    """A remote URL is refused without a name lookup or a connection: only the test's own connection to
+    the server is made (a fetch attempt of this unresolvable host would also show as a timeout)."""
+    lookups, connects = [], []
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+
+    def getaddrinfo(host, *a, **k):
+        lookups.append(host)
+        return real_getaddrinfo(host, *a, **k)
+
+    def connect(self, addr):
+        connects.append(addr)
+        return real_connect(self, addr)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for url in ("https://images.example.invalid/cat.png", "HTTPS://images.example.invalid/cat.png",
+                "ftp://images.example.invalid/cat.png"):
+        assert_error(*post(srv.port, chat([image_part(url), text_part()]), timeout=10), 400)
+    assert set(lookups) == {"127.0.0.1"} and {addr[0] for addr in connects} == {"127.0.0.1"}
+
+
+def test_unknown_routes(srv):
+    assert_error(*request(srv.port, "GET", "/v1/nothing"), 404)
+    assert_error(*request(srv.port, "GET", "/v1/chat/completions"), 404)
+    assert_error(*request(srv.port, "POST", "/v1/completions", b"{}"), 404)
+    assert request(srv.port, "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_oversized_body_is_refused_and_the_server_goes_on(srv):
+    """> --max_body_mb (0.5 MB): 413 before the body is parsed; the server still answers afterwards."""
+    body = json.dumps(chat("x" * 600_000)).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert_error(e.value.code, json.loads(e.value.read()), 413)
+    # Far past the socket buffers: a client that writes the whole body before reading (http.client, urllib,
+    # common.http_chat) still gets the 413, not a broken pipe or a reset connection.
+    assert_error(*post(srv.port, b"x" * 8_000_000), 413)
+    status, reply = request(srv.port, "GET", "/v1/models")
+    assert status == 200 and len(reply["data"]) == 2
+
+
+def test_bad_content_length_does_not_hang(srv):
+    # Missing: 411. Negative: 400 at once (reading "to the end" would wait for the client to close).
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    assert raw_exchange(srv.port, head + b"\r\n").startswith(b"HTTP/1.1 411")
+    assert raw_exchange(srv.port, head + b"Content-Length: -1\r\n\r\n{}").startswith(b"HTTP/1.1 400")
+
+
+def test_keep_alive_after_an_error(srv):
+    """A rejected request leaves the connection usable: the next request on it is answered normally."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    try:
+        for body, expected in ((b"not json", 400), (json.dumps(chat("Hi", model="nope")).encode(), 404),
+                               (json.dumps(chat("Hi")).encode(), 200)):
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            assert reply.status == expected and json.loads(reply.read())
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------------------------------------ binding
+
+def test_binds_to_localhost_by_default(monkeypatch, capsys):
+    assert infer.parse_args(["--serve", "--model", "m"]).host == "127.0.0.1"
+    # serve() itself: binds there, names the model as served, prints the URL. No model is needed to list.
+    servers = []
+
+    class Recording(ThreadingHTTPServer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            servers.append(self)
+
+    monkeypatch.setattr(infer, "ThreadingHTTPServer", Recording)
+    args = infer.parse_args(["--serve", "--model", "/models/some-model/", "--port", "0", "--served_name", "mine"])
+    thread = threading.Thread(target=infer.serve, args=(None, None, args), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not servers and time.monotonic() < deadline:
+            time.sleep(0.02)
+        host, port = servers[0].server_address[:2]
+        assert host == "127.0.0.1"
+        assert [m["id"] for m in request(port, "GET", "/v1/models")[1]["data"]] == ["mine", "mine-two-step"]
+    finally:
+        servers[0].shutdown()
+        thread.join(timeout=10)
+    assert f"http://127.0.0.1:{port}/v1" in capsys.readouterr().out
