@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole chain on the built-in toy world (tiny random Qwen2-VL + synthetic grounded VQA), on CPU in
 # minutes. Each stage reads the previous stage's files; set OUT to put the run elsewhere.
-#   bash pipeline.sh            # toy world -> SFT -> report table
+#   bash pipeline.sh            # toy world -> SFT -> eval table
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/toy}
@@ -18,9 +18,9 @@ $PY sft.py --model "$BASE" --data "$WORLD/data/train.jsonl" --output_dir "$OUT/s
     --finetune full --train_vision --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --epochs 3 \
     --batch_size 16 --box_decimals 2
 
-# 3. Report: the two-step chain, greedy, on the held-out split.
+# 3. Evaluate: the two-step chain, greedy, on the held-out split (eval.py runs infer.py's code, then scores).
+EVAL="$PY eval.py --protocol chain --questions $WORLD/data/test.jsonl --box_format viscot --batch_size 32"
+$EVAL --model "$BASE" --label untrained --out "$OUT/eval/untrained.json" > /dev/null 2>&1
+$EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json" > /dev/null 2>&1
 echo
-echo "| model | n | parseable | box acc (IoU>0.5) | mIoU | answer acc |"
-echo "|---|---|---|---|---|---|"
-$PY tools/toy_report.py --model "$BASE" --data "$WORLD/data/test.jsonl" --label untrained --out "$OUT/report_base.json" 2>/dev/null
-$PY tools/toy_report.py --model "$OUT/sft/final" --data "$WORLD/data/test.jsonl" --label SFT --out "$OUT/report_sft.json" 2>/dev/null
+$PY tools/compare.py "$OUT/eval/untrained.json" "$OUT/eval/sft.json"

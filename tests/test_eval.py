@@ -1,0 +1,243 @@
+"""eval.py's protocols: Visual-CoT detection on the real sample files (hand-computed cases), the answer
+judges (rule, http against a local server, model), Visual-RFT classification, grounding metrics, the
+report and table, and --model end to end."""
+import json
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from conftest import ROOT, SAMPLES, run_script
+
+import common
+import eval as ev
+
+
+def det_rows(name):
+    return common.read_jsonl(os.path.join(SAMPLES, f"benchmark_det_{name}.jsonl"))
+
+
+def args_for(tmp_path, *extra):
+    return ev.parse_args(["--protocol", "viscot-det", "--questions", "q", "--predictions", "p",
+                          "--out", str(tmp_path / "r.json"), *extra])
+
+
+# Hand-computed, each on a real sample line. docvqa[0]: 1695x2200 (portrait: the padded square shifts x by
+# (2200-1695)//2 = 252), box [74, 398, 404, 1118] -> [326, 398, 656, 1118] / 2200 = [0.148, 0.181, 0.298,
+# 0.508]. docvqa[1]: 2156x1695 (landscape: y shifts by 230), a 30x31 box at the right edge [2112, 1623,
+# 2142, 1654] -> [0.980, 0.859, 0.994, 0.874]: IoU 0.8998 after 3-decimal rounding. gqa[4]: 500x375, a box
+# spanning the whole width [2, 0, 500, 375] -> [0.004, 0.124, 1.000, 0.874].
+DET_CASES = [
+    ("docvqa", 0, "[0.148, 0.181, 0.298, 0.508]", True, True),
+    ("docvqa", 0, "[0.044, 0.181, 0.238, 0.508]", False, True),    # x / w frame, no shift: IoU 0.35
+    ("docvqa", 1, "[0.980, 0.859, 0.994, 0.874]", True, True),
+    ("docvqa", 1, "[0.980, 0.753, 0.994, 0.767]", False, True),    # y not shifted: no overlap
+    ("gqa", 4, "[0.004, 0.124, 1.0, 0.874]", True, True),
+    ("gqa", 4, "  [ 0.004,  0.124, 1.0, 0.874 ] ", True, True),    # extra spaces: float() strips them
+    ("gqa", 4, "[0.004, 0.124, 1.0, 0.874] .", True, True),       # ' .' is removed
+    ("gqa", 4, "[0.004, 0.124, 1.0, 0.874, 0.5]", True, True),     # first four numbers
+    ("gqa", 4, "[0.004,0.124,1.0,0.874]", False, False),           # no ', ' separator: unparsable
+    ("gqa", 4, "[0.004, 0.124, 1.0, 0.874].", False, False),       # '0.874.' is not a number
+    ("gqa", 4, "The region is [0.004, 0.124, 1.0, 0.874]", False, False),
+    ("gqa", 4, "[0.1, 0.2, 0.3]", False, False),
+    ("gqa", 4, "", False, False),
+]
+
+
+@pytest.mark.parametrize("name,row,text,correct,parsable", DET_CASES)
+def test_viscot_det_hand_cases(tmp_path, name, row, text, correct, parsable):
+    q = det_rows(name)[row]
+    pred = {"question_id": 0, "text": text, "bbox": q["bbox"], "height": q["height"], "width": q["width"]}
+    metrics, rows, extra = ev.score_viscot_det([q], [pred], args_for(tmp_path), ("q", "p"))
+    assert (metrics["correct"], metrics["unparsable"], metrics["total"]) == (int(correct), int(not parsable), 1)
+    assert extra["matched_by"].startswith("prediction lines")
+
+
+def test_viscot_det_edge_iou_and_lenient_parser(tmp_path):
+    q = det_rows("docvqa")[1]
+    pred = {"question_id": 0, "text": "[0.980, 0.859, 0.994, 0.874]", "bbox": q["bbox"], "height": 1695,
+            "width": 2156}
+    _, rows, _ = ev.score_viscot_det([q], [pred], args_for(tmp_path), ("q", "p"))
+    # pred [2112.88, 1852.0, 2143.06, 1884.34]; target [2112, 1853, 2142, 1884]
+    inter = (2142 - 0.980 * 2156) * (1884 - 1853)
+    union = (0.994 - 0.980) * 2156 * (0.874 - 0.859) * 2156 + 30 * 31 - inter
+    assert rows[0]["iou"] == pytest.approx(inter / union, rel=1e-5)
+    g = det_rows("gqa")[4]
+    lenient = args_for(tmp_path, "--parser", "lenient")
+    for text in ("[0.004,0.124,1.0,0.874]", "[[0.004, 0.124, 1.0, 0.874]].",
+                 "The region is [0.004, 0.124, 1.0, 0.874]"):
+        pred = {"question_id": 0, "text": text, "bbox": g["bbox"], "height": 375, "width": 500}
+        metrics, _, _ = ev.score_viscot_det([g], [pred], lenient, ("q", "p"))
+        assert metrics["correct"] == 1, text
+
+
+def test_viscot_det_report_join_by_question_id(tmp_path):
+    """Predictions without ground truth in them join the questions by question_id; a question with no
+    prediction counts as wrong. Report keys and the table come out of the CLI."""
+    qpath = os.path.join(SAMPLES, "benchmark_det_gqa.jsonl")
+    qs = det_rows("gqa")
+    preds = tmp_path / "p.jsonl"
+    common.write_jsonl(str(preds), [{"question_id": qs[4]["question_id"], "text": "[0.004, 0.124, 1.0, 0.874]"},
+                                    {"question_id": qs[0]["question_id"], "text": "no box"}])
+    ev.main(["--protocol", "viscot-det", "--questions", qpath, "--predictions", str(preds),
+             "--out", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["accuracy"] == pytest.approx(1 / 6)
+    assert (report["correct"], report["total"], report["unparsable"], report["missing"]) == (1, 6, 1, 4)
+    assert report["datasets"]["gqa"]["accuracy"] == report["accuracy"]
+    assert "Visual-CoT's own" in report["settings"]["parser"]
+    # a question_id that is not in the questions file is a data error, not a silent zero
+    common.write_jsonl(str(preds), [{"question_id": 123456, "text": "x"}])
+    with pytest.raises(common.DataError, match="question_id 123456 is not in"):
+        ev.main(["--protocol", "viscot-det", "--questions", qpath, "--predictions", str(preds),
+                 "--out", str(tmp_path / "r.json")])
+
+
+def test_two_datasets_give_rows_and_mean(tmp_path, capsys):
+    paths = []
+    for name in ("gqa", "docvqa"):
+        p = tmp_path / f"{name}.jsonl"
+        q = det_rows(name)[0]
+        text = "[0.148, 0.181, 0.298, 0.508]" if name == "docvqa" else "nothing"
+        common.write_jsonl(str(p), [dict(q, question_id=0, text=text)])
+        paths.append(str(p))
+    qs = [os.path.join(SAMPLES, f"benchmark_det_{n}.jsonl") for n in ("gqa", "docvqa")]
+    ev.main(["--protocol", "viscot-det", "--questions", *qs, "--predictions", *paths,
+             "--out", str(tmp_path / "r.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["datasets"]["gqa"]["accuracy"] == 0 and report["datasets"]["docvqa"]["accuracy"] == 1
+    assert report["mean"]["accuracy"] == 0.5 and report["total"] == 2 and report["correct"] == 1
+    table = capsys.readouterr().out
+    assert "| gqa | 0.000 | 0 | 1 | 1 |" in table and "| mean | 0.500 | 1 | 2 | 1 |" in table
+
+
+# ------------------------------------------------------------------------------------------- judges
+
+def answer_args(tmp_path, *extra):
+    return ev.parse_args(["--protocol", "viscot-answer", "--questions", "q", "--predictions", "p",
+                          "--out", str(tmp_path / "r.json"), *extra])
+
+
+def test_rule_judges_and_viscot_question_text(tmp_path):
+    items = json.load(open(os.path.join(SAMPLES, "benchmark_gqa.json")))[:3]
+    preds = [{"question_id": items[0]["question_id"], "text": "The Window."},
+             {"question_id": items[1]["question_id"], "text": ""},
+             {"question_id": items[2]["question_id"], "text": "something else entirely"}]
+    metrics, rows, extra = ev.score_viscot_answer(items, preds, answer_args(tmp_path), ("q", "p"),
+                                                  ev.Judge(answer_args(tmp_path)))
+    assert extra["judge"] == "rule:exact"
+    assert [r["score"] for r in rows] == [1.0, 0.0, 0.0] and metrics["answer_score"] == pytest.approx(1 / 3)
+    assert ev.viscot_question_text(items[0]) == "<image>\nWhat are the tree branches in front of?"
+    assert common.token_f1("red big square", "big square") == pytest.approx(0.8)
+    assert common.anls("squre", "square") == pytest.approx(1 - 1 / 6) and common.anls("abc", "xyz") == 0.0
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible judge: the reply depends on the model's answer in the prompt."""
+    calls = []
+    flaky_failed = set()
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        answer = body["messages"][1]["content"].split("model's answer: ")[1].strip()
+        FakeJudge.calls.append(answer)
+        if answer == "fail" or (answer == "flaky" and answer not in FakeJudge.flaky_failed):
+            FakeJudge.flaky_failed.add(answer)
+            self.send_response(500)
+            self.end_headers()
+            return
+        reply = {"good": "Score: 0.7", "over": "score: 1.5", "two": "score: 0.2, no, score: 0.3",
+                 "prose": "I think it is fine", "dots": "score: 1.2.3", "flaky": "score: 1"}[answer]
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_http_judge_parsing_failures_and_cache(tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = answer_args(tmp_path, "--judge", "http", "--judge_url", url, "--judge_model", "fake",
+                           "--judge_retries", "1", "--judge_workers", "3")
+        answers = ["good", "over", "two", "prose", "dots", "flaky", "fail"]
+        triples = [("q", "ref", a) for a in answers]
+        verdicts = ev.Judge(args).score(triples)
+        assert [v["score"] for v in verdicts] == [0.7, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        assert [v["status"] for v in verdicts] == ["ok", "ok", "unparsable", "unparsable", "unparsable", "ok",
+                                                   "failed"]
+        assert ev.judge_summary(verdicts) == {"answer_score": pytest.approx(2.7 / 7), "judge_unparsable": 3,
+                                              "judge_failed": 1}
+        assert FakeJudge.calls.count("flaky") == 2 and FakeJudge.calls.count("fail") == 2  # one retry each
+        # A rerun (after a kill, say) reads the cached verdicts and asks nothing again.
+        n_calls = len(FakeJudge.calls)
+        assert [v["score"] for v in ev.Judge(args).score(triples)] == [v["score"] for v in verdicts]
+        assert len(FakeJudge.calls) == n_calls
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_model_judge_runs_text_only(toy, tmp_path):
+    """A local checkpoint as the judge: text-only prompts through the generation code. The toy model's
+    replies are noise, so they must come back as 'unparsable', scored 0."""
+    args = answer_args(tmp_path, "--judge", "model", "--judge_model", str(toy / "qwen2-vl"), "--dtype", "fp32")
+    verdicts = ev.Judge(args).score([("q", "ref", "a"), ("q2", "ref", "b")])
+    assert len(verdicts) == 2 and all(v["score"] == 0.0 and isinstance(v["reply"], str) for v in verdicts)
+
+
+# ------------------------------------------------------------------------------ virft-cls, grounding
+
+def test_virft_cls(tmp_path):
+    records = [{"id": "a", "solution": "<answer>Red_Fox</answer>"}, {"id": "b", "solution": "<answer>cat</answer>"},
+               {"id": "c", "answer": "dog"}, {"id": "d", "answer": "owl"}]
+    preds = [{"id": "a", "text": "<think>fur</think> <answer>red fox</answer>"},
+             {"id": "b", "text": "<answer></answer>"},          # empty never matches
+             {"id": "c", "text": "a dog"}]                      # Visual-RFT's substring rule would accept it
+    metrics, _, _ = ev.score_virft_cls(records, preds, None, ("q", "p"))
+    assert metrics == {"accuracy": 0.25, "correct": 1, "total": 4, "missing": 1}
+
+
+def test_grounding_metrics(tmp_path):
+    args = ev.parse_args(["--protocol", "grounding", "--questions", "q", "--predictions", "p", "--box_format",
+                          "qwen2", "--out", str(tmp_path / "r.json")])
+    records = [{"id": str(i), "image": "x.png", "question": "q", "bbox": [0, 0, 10, 10], "width": 100,
+                "height": 100} for i in range(4)]
+    preds = [{"id": "0", "box": [0, 0, 10, 5]},                               # IoU 0.5 (not > 0.5), gIoU 0.5
+             {"id": "1", "text": "<answer>(50,0),(150,100)</answer>"},       # [5, 0, 15, 10]: IoU 1/3
+             {"id": "2", "text": "no box"}]                                 # unparsable: IoU 0, gIoU -1
+    metrics, rows, _ = ev.score_grounding(records, preds, args, ("q", "p"))
+    assert [r["iou"] for r in rows] == pytest.approx([0.5, 1 / 3, 0, 0])
+    assert metrics["box_acc"] == 0 and metrics["miou"] == pytest.approx((0.5 + 1 / 3) / 4)
+    assert metrics["giou"] == pytest.approx((0.5 + 1 / 3 - 1 - 1) / 4)
+    assert metrics["ciou"] == pytest.approx((50 + 50) / (100 + 150 + 100 + 100))
+    assert metrics["parseable"] == 0.5 and metrics["missing"] == 1
+
+
+def test_chain_protocol_with_model_end_to_end(toy, tmp_path):
+    """One command: infer (resumable, under --predictions_dir) then score; a rerun reuses the predictions."""
+    data = str(toy / "data" / "train.jsonl")
+    recs = common.read_records(data)[:6]
+    common.write_jsonl(str(tmp_path / "six.jsonl"), recs)
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--protocol", "chain", "--questions",
+           str(tmp_path / "six.jsonl"), "--image_root", str(toy / "data"), "--model", str(toy / "qwen2-vl"),
+           "--out", str(tmp_path / "r.json"), "--max_new_tokens", "8", "--batch_size", "4"]
+    out = run_script(*cmd).stdout
+    assert "| six | 6 |" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n"] == 6 and 0 <= report["answer_score"] <= 1 and report["settings"]["judge"] == "rule:exact"
+    preds = common.read_jsonl(str(tmp_path / "r.predictions" / "chain_six.jsonl"))
+    assert [p["id"] for p in preds] == [r["id"] for r in recs] and all("box_text" in p for p in preds)
+    raw = tmp_path / "r.predictions" / "chain_six.infer.jsonl"
+    before = raw.read_text()
+    run_script(*cmd)
+    assert raw.read_text() == before  # nothing re-generated
+    # Predictions from another model in the same place are refused, not mixed in.
+    with pytest.raises(AssertionError, match="holds predictions made with"):
+        run_script(*[c if c != str(toy / "qwen2-vl") else str(toy / "qwen2.5-vl") for c in cmd])
