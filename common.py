@@ -668,15 +668,35 @@ def token_logprobs(model, batch, temperature=1.0):
 
 
 @torch.no_grad()
-def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
+def image_features(model, processor, images):
+    """The vision tower's output for each image (a list of (tokens, hidden) tensors), computed once so that
+    several sequences sharing an image (samples of one prompt, chosen and rejected) reuse it."""
+    if not images:
+        return []
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_image_features(pixels["pixel_values"].to(model.device, model.dtype),
+                                  pixels["image_grid_thw"].to(model.device), return_dict=True)
+    return list(out.pooler_output)
+
+
+@torch.no_grad()
+def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None,
+                    features=None):
     """Batched generation (left padding) for a list of Examples. Returns, per example, the prompt length and
     the completion's token ids up to and including the first EOS (cut there: what follows is padding),
-    and whether it stopped at EOS (False: it hit max_new_tokens)."""
+    and whether it stopped at EOS (False: it hit max_new_tokens). `features`: per example, its images'
+    precomputed vision features (image_features), used instead of running the vision tower again."""
     encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
     batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
     batch.pop("labels")
     if batch["pixel_values"] is None:  # text-only prompts
         batch.pop("pixel_values"), batch.pop("image_grid_thw")
+    elif features is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+        batch.pop("pixel_values")
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+            pooler_output=[f for per_example in features for f in per_example])}
     eos = processor.tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
@@ -688,9 +708,10 @@ def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=Fal
     return results
 
 
-def generate(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None):
+def generate(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None,
+             features=None):
     """Batched generation; returns the decoded responses (special tokens dropped)."""
-    results = generate_tokens(model, processor, examples, max_new_tokens, do_sample, temperature, images)
+    results = generate_tokens(model, processor, examples, max_new_tokens, do_sample, temperature, images, features)
     return processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
 
 
@@ -993,6 +1014,31 @@ def weights_fingerprint(model_dir):
                 h = hashlib.sha256(str(shape).encode() + row.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
                 rows.append(h.hexdigest())
     return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter_dir):
+    """A hash of a LoRA adapter's weights (small: read whole); None without an adapter."""
+    if not adapter_dir:
+        return None
+    import hashlib
+    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def check_made_by(stamp_path, made_by):
+    """Outputs that resume across runs carry a stamp of the weights and settings that made them; a rerun with
+    others is refused instead of silently mixing two models' outputs in one file."""
+    if os.path.exists(stamp_path):
+        with open(stamp_path) as f:
+            previous = json.load(f)
+        if previous != made_by:
+            changed = sorted(k for k in set(previous) | set(made_by) if previous.get(k) != made_by.get(k))
+            raise DataError(f"{stamp_path}: the outputs next to it were made with other {', '.join(changed)} "
+                            f"({previous}); delete them or write elsewhere")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(stamp_path)), exist_ok=True)
+        with open(stamp_path, "w") as f:
+            json.dump(made_by, f, indent=1)
 
 
 def prune_checkpoints(out_dir, keep):

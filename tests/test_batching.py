@@ -128,6 +128,26 @@ def test_generate_batched_equals_one_by_one(loaded, toy):
     assert batched == single
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_precomputed_image_features_generate_the_same(loaded, toy, family):
+    """Vision features computed once and shared by several sequences (both images of 2-image examples, the
+    same image for repeated prompts) give what running the vision tower per sequence gives."""
+    model, processor = loaded[family]
+    exs = examples(toy)
+    images = [ex.images() for ex in exs] * 2  # each example twice: shared features, repeated prompts
+    unique = [im for per_example in images[:3] for im in per_example]
+    feats = common.image_features(model, processor, unique)
+    per_example, k = [], 0
+    for ex_images in images[:3]:
+        per_example.append(feats[k:k + len(ex_images)])
+        k += len(ex_images)
+    exs = [common.Example(ex.rec, ex.image_root, ex.messages, crop=ex.crop) for ex in exs] * 2
+    with_pixels = common.generate(model, processor, exs, max_new_tokens=8, images=images)
+    with_features = common.generate(model, processor, exs, max_new_tokens=8, images=images,
+                                    features=per_example * 2)
+    assert with_features == with_pixels and with_pixels[:3] == with_pixels[3:]
+
+
 def test_two_image_processor_files_exist(toy):
     assert os.path.exists(toy / "qwen2-vl" / "preprocessor_config.json")
 
