@@ -627,40 +627,16 @@ def model_records(protocol, questions, qpath):
     return questions, "chain", lambda row, rec: row  # chain: infer.py's rows are the predictions
 
 
-def adapter_fingerprint(adapter):
-    if not adapter:
-        return None
-    import hashlib
-    with open(os.path.join(adapter, "adapter_model.safetensors"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def run_model(args, protocol, questions, qpath, pred_path):
+def run_model(model, processor, args, protocol, questions, qpath, pred_path):
     """Run infer.py's code on the questions (resumable), then write the protocol-format predictions."""
     import infer
-    if not hasattr(run_model, "loaded"):
-        processor = common.load_processor(args.model)
-        model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
-        if torch.cuda.is_available():
-            model.cuda()
-        run_model.loaded = model, processor
-    model, processor = run_model.loaded
     records, mode, to_prediction = model_records(protocol, questions, qpath)
     raw_path = pred_path[:-len(".jsonl")] + ".infer.jsonl"
     # Predictions resume across runs; ones made by another model or other settings must not be mixed in.
-    made_by = {"model": args.model, "weights": common.weights_fingerprint(args.model), "adapter": args.adapter,
-               "adapter_weights": adapter_fingerprint(args.adapter), "mode": mode, "box_format": args.box_format,
-               "prompt_set": args.prompt_set, "max_new_tokens": args.max_new_tokens}
-    stamp = pred_path[:-len(".jsonl")] + ".made_by.json"
-    if os.path.exists(stamp):
-        with open(stamp) as f:
-            previous = json.load(f)
-        if previous != made_by:
-            raise common.DataError(f"{raw_path} holds predictions made with {previous}, not {made_by}: "
-                                   "delete it or choose another --out / --predictions_dir")
-    else:
-        with open(stamp, "w") as f:
-            json.dump(made_by, f)
+    common.check_made_by(pred_path[:-len(".jsonl")] + ".made_by.json", {
+        "model": args.model, "weights": common.weights_fingerprint(args.model), "adapter": args.adapter,
+        "adapter_weights": common.adapter_fingerprint(args.adapter), "mode": mode, "box_format": args.box_format,
+        "prompt_set": args.prompt_set, "max_new_tokens": args.max_new_tokens})
     image_root = args.image_root or os.path.dirname(os.path.abspath(qpath))
     _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size, mode=mode,
                                   box_format=args.box_format, prompt_set=args.prompt_set,
@@ -705,13 +681,18 @@ def main(argv=None):
     judge = Judge(args) if args.protocol in ("viscot-answer", "chain") else None
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
     per_dataset, settings, items = {}, {}, []
+    if args.model:
+        processor = common.load_processor(args.model)
+        model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
+        if torch.cuda.is_available():
+            model.cuda()
     for i, qpath in enumerate(args.questions):
         name = dataset_name(qpath)
         questions = load_questions(args.protocol, qpath)
         if args.model:
             os.makedirs(pred_dir, exist_ok=True)
             ppath = os.path.join(pred_dir, f"{args.protocol}_{name}.jsonl")
-            run_model(args, args.protocol, questions, qpath, ppath)
+            run_model(model, processor, args, args.protocol, questions, qpath, ppath)
         else:
             ppath = args.predictions[i]
         preds = common.read_jsonl(ppath)

@@ -7,8 +7,9 @@ looking at the full image and the crop. Batched, greedy or sampled; or an OpenAI
 
 Modes: chain (focus box -> crop -> answer), focus (the box step alone), direct (image + question as the
 whole prompt, one step, no box), gt_box (the record's annotated box is the crop; no focus step).
-Output: one JSON line per record, appended as each batch finishes; a rerun with the same --out skips the records already there. Records whose image fails to
-load go to OUT.errors.jsonl and are retried by the next run.
+Output: one JSON line per record, appended as each batch finishes; a rerun with the same --out skips the
+records already there. Records whose image fails to load go to OUT.errors.jsonl and are retried by the
+next run.
 
 The endpoint serves `POST /v1/chat/completions` and `GET /v1/models`. Model `<name>` is plain chat;
 `<name>-two-step` runs the chain on the conversation's one image and its last user text, and returns the

@@ -1,8 +1,12 @@
 """Shared fixtures: a small toy world built once per test session (tiny random Qwen2-VL and Qwen2.5-VL,
 synthetic records), with the same builder `bash pipeline.sh` uses."""
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -26,3 +30,28 @@ def run_script(*argv, env=None, timeout=900):
     if p.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+@contextlib.contextmanager
+def chat_server(reply):
+    """A local OpenAI-compatible judge: reply(request body) -> (HTTP status, message content) per POST.
+    Yields the base URL."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            status, content = reply(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -4,11 +4,9 @@ report and table, and --model end to end."""
 import json
 import os
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, SAMPLES, run_script
+from conftest import ROOT, SAMPLES, chat_server, run_script
 
 import common
 import eval as ev
@@ -133,37 +131,19 @@ def test_rule_judges_and_viscot_question_text(tmp_path):
     assert common.anls("squre", "square") == pytest.approx(1 - 1 / 6) and common.anls("abc", "xyz") == 0.0
 
 
-class FakeJudge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible judge: the reply depends on the model's answer in the prompt."""
-    calls = []
-    flaky_failed = set()
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        answer = body["messages"][1]["content"].split("model's answer: ")[1].strip()
-        FakeJudge.calls.append(answer)
-        if answer == "fail" or (answer == "flaky" and answer not in FakeJudge.flaky_failed):
-            FakeJudge.flaky_failed.add(answer)
-            self.send_response(500)
-            self.end_headers()
-            return
-        reply = {"good": "Score: 0.7", "over": "score: 1.5", "two": "score: 0.2, no, score: 0.3",
-                 "prose": "I think it is fine", "dots": "score: 1.2.3", "flaky": "score: 1"}[answer]
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
-
-
 def test_http_judge_parsing_failures_and_cache(tmp_path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    calls, flaky_failed = [], set()
+
+    def reply(body):  # by the model's answer in the prompt
+        answer = body["messages"][1]["content"].split("model's answer: ")[1].strip()
+        calls.append(answer)
+        if answer == "fail" or (answer == "flaky" and answer not in flaky_failed):
+            flaky_failed.add(answer)
+            return 500, None
+        return 200, {"good": "Score: 0.7", "over": "score: 1.5", "two": "score: 0.2, no, score: 0.3",
+                     "prose": "I think it is fine", "dots": "score: 1.2.3", "flaky": "score: 1"}[answer]
+
+    with chat_server(reply) as url:
         args = answer_args(tmp_path, "--judge", "http", "--judge_url", url, "--judge_model", "fake",
                            "--judge_retries", "1", "--judge_workers", "3")
         answers = ["good", "over", "two", "prose", "dots", "flaky", "fail"]
@@ -174,14 +154,11 @@ def test_http_judge_parsing_failures_and_cache(tmp_path):
                                                    "failed"]
         assert ev.judge_summary(verdicts) == {"answer_score": pytest.approx(2.7 / 7), "judge_unparsable": 3,
                                               "judge_failed": 1}
-        assert FakeJudge.calls.count("flaky") == 2 and FakeJudge.calls.count("fail") == 2  # one retry each
+        assert calls.count("flaky") == 2 and calls.count("fail") == 2  # one retry each
         # A rerun (after a kill, say) reads the cached verdicts and asks nothing again.
-        n_calls = len(FakeJudge.calls)
+        n_calls = len(calls)
         assert [v["score"] for v in ev.Judge(args).score(triples)] == [v["score"] for v in verdicts]
-        assert len(FakeJudge.calls) == n_calls
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert len(calls) == n_calls
 
 
 def test_model_judge_runs_text_only(toy, tmp_path):
@@ -239,5 +216,5 @@ def test_chain_protocol_with_model_end_to_end(toy, tmp_path):
     run_script(*cmd)
     assert raw.read_text() == before  # nothing re-generated
     # Predictions from another model in the same place are refused, not mixed in.
-    with pytest.raises(AssertionError, match="holds predictions made with"):
+    with pytest.raises(AssertionError, match="were made with other model, weights"):
         run_script(*[c if c != str(toy / "qwen2-vl") else str(toy / "qwen2.5-vl") for c in cmd])
