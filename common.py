@@ -555,6 +555,17 @@ def prepare_for_training(model, args):
     return model
 
 
+def load_for_training(args, ckpt=None):
+    """The model a training stage starts from, prepared (prepare_for_training): --model (+ --adapter), or,
+    resuming, the checkpoint's full model or its adapter on --model."""
+    dtype = resolve_dtype(args.dtype)
+    if ckpt and args.finetune == "full":
+        model = load_model(ckpt, dtype, args.attn)
+    else:
+        model = load_model(args.model, dtype, args.attn, adapter=ckpt or args.adapter, adapter_trainable=True)
+    return prepare_for_training(model, args)
+
+
 def is_vision_param(name):
     return ".visual." in f".{name}"
 
@@ -649,17 +660,21 @@ def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def token_logprobs(model, batch, temperature=1.0):
+def token_logprobs(model, batch, temperature=1.0, features=None):
     """Log-probabilities of the labelled tokens: (B, T-1) with 0 where unlabelled, and the label mask.
     Only labelled positions are projected onto the vocabulary (the image-heavy prompt never is), in
-    float32, with the sampling temperature applied (SPEC trap 10)."""
+    float32, with the sampling temperature applied (SPEC trap 10). `features`: the batch's images' vision
+    features in order (vision_features), used instead of batch["pixel_values"], so sequences that share an
+    image (chosen and rejected) share one encode."""
     labels = batch["labels"]
     labelled = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labelled  # the logits at t predict token t+1
+    vision = {"pixel_values": batch.get("pixel_values")} if features is None else \
+        {"mm_encoder_outputs": {"image": _encoder_outputs(features)}}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                mm_token_type_ids=batch["mm_token_type_ids"], logits_to_keep=keep, use_cache=False)
+                image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],
+                logits_to_keep=keep, use_cache=False, **vision)
     logits = out.logits.float() / temperature  # (number of labelled tokens, vocab), row-major order
     logp = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
     per_token = torch.zeros(labelled.shape, dtype=logp.dtype, device=logp.device)
@@ -667,17 +682,28 @@ def token_logprobs(model, batch, temperature=1.0):
     return per_token, labelled
 
 
-@torch.no_grad()
-def image_features(model, processor, images):
-    """The vision tower's output for each image (a list of (tokens, hidden) tensors), computed once so that
-    several sequences sharing an image (samples of one prompt, chosen and rejected) reuse it."""
+def _encoder_outputs(features):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    return BaseModelOutputWithPooling(pooler_output=list(features))
+
+
+def vision_features(model, processor, images):
+    """The vision tower's output for each image (a list of (tokens, hidden) tensors), with gradients when the
+    vision tower trains. Computed once, it serves every sequence that shows the image."""
     if not images:
         return []
     pixels = processor.image_processor(images=images, return_tensors="pt")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out = base.get_image_features(pixels["pixel_values"].to(model.device, model.dtype),
-                                  pixels["image_grid_thw"].to(model.device), return_dict=True)
+    dtype = next(base.parameters()).dtype
+    out = base.get_image_features(pixels["pixel_values"].to(base.device, dtype),
+                                  pixels["image_grid_thw"].to(base.device), return_dict=True)
     return list(out.pooler_output)
+
+
+@torch.no_grad()
+def image_features(model, processor, images):
+    """vision_features without gradients, for generation."""
+    return vision_features(model, processor, images)
 
 
 @torch.no_grad()
@@ -693,10 +719,8 @@ def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=Fal
     if batch["pixel_values"] is None:  # text-only prompts
         batch.pop("pixel_values"), batch.pop("image_grid_thw")
     elif features is not None:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
         batch.pop("pixel_values")
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-            pooler_output=[f for per_example in features for f in per_example])}
+        batch["mm_encoder_outputs"] = {"image": _encoder_outputs(f for per_example in features for f in per_example)}
     eos = processor.tokenizer.eos_token_id
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,

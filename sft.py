@@ -89,13 +89,7 @@ def main():
 
     # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
     ckpt = common.resolve_resume(args) if args.resume else None
-    dtype = common.resolve_dtype(args.dtype)
-    if ckpt and args.finetune == "full":
-        model = common.load_model(ckpt, dtype, args.attn)
-    else:
-        adapter = ckpt if ckpt else args.adapter
-        model = common.load_model(args.model, dtype, args.attn, adapter=adapter, adapter_trainable=True)
-    model = common.prepare_for_training(model, args)
+    model = common.load_for_training(args, ckpt)
     trainable, total = common.count_params(model)
     model = rt.setup(model, total_steps)
     start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
