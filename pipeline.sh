@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole chain on the built-in toy world (tiny random Qwen2-VL + synthetic grounded VQA), on CPU in
 # minutes. Each stage reads the previous stage's files; set OUT to put the run elsewhere.
-#   bash pipeline.sh            # toy world -> SFT -> eval table -> self-evolution pairs
+#   bash pipeline.sh    # toy world -> SFT -> self-evolution pairs -> DPO stage 1 -> stage 2 -> eval table
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/toy}
@@ -19,14 +19,7 @@ $PY sft.py --model "$BASE" --data "$WORLD/data/train.jsonl" --output_dir "$OUT/s
     --finetune full --train_vision --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --epochs 3 \
     --batch_size 16 --box_decimals 2
 
-# 3. Evaluate: the two-step chain, greedy, on the held-out split (eval.py runs infer.py's code, then scores).
-EVAL="$PY eval.py --protocol chain --questions $WORLD/data/test.jsonl --box_format viscot --batch_size 32"
-$EVAL --model "$BASE" --label untrained --out "$OUT/eval/untrained.json" > /dev/null 2>&1
-$EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json" > /dev/null 2>&1
-echo
-$PY tools/compare.py "$OUT/eval/untrained.json" "$OUT/eval/sft.json"
-
-# 4. Self-evolution pairs (VisRL): the SFT model samples boxes and answers on 1000 training questions, the
+# 3. Self-evolution pairs (VisRL): the SFT model samples boxes and answers on 1000 training questions, the
 #    rule judge scores them without looking at the annotated boxes (--ignore_bbox: as on box-free data),
 #    and filter_pairs keeps one chosen/rejected pair per question with a clear winner. Sampling at T = 1, not
 #    VisRL's 2: at 2 the tiny model's boxes are 99 % unparsable.
@@ -36,3 +29,21 @@ $PY gen_pairs.py --model "$OUT/sft/final" --data "$OUT/pair_questions.jsonl" --i
     --box_temperature 1 --answer_temperature 1 2>/dev/null
 $PY filter_pairs.py --candidates "$OUT/pairs/candidates.jsonl" --out "$OUT/pairs/pairs.jsonl" \
     --grpo_out "$OUT/pairs/grpo_prompts.jsonl"
+
+# 4. VisRL's preference stages, LoRA on the merged model each starts from (the reference is that model):
+#    stage 1, DPO on the focus box; merge; stage 2, DPO on box and answer; merge. lr 1e-3 and 2 epochs for
+#    a 2M-parameter model (VisRL: 5e-6, 5 epochs, 7B); a tenth of the pairs held out for the metrics.
+DPO="--image_root $WORLD/data --data $OUT/pairs/pairs.jsonl --finetune lora --lr 1e-3 --epochs 2 --batch_size 8"
+$PY rl_stage1.py --model "$OUT/sft/final" $DPO --output_dir "$OUT/rl1" 2>/dev/null
+$PY merge.py --model "$OUT/sft/final" --adapter "$OUT/rl1/final" --out "$OUT/rl1_merged" 2>/dev/null
+$PY rl_stage2.py --model "$OUT/rl1_merged" $DPO --output_dir "$OUT/rl2" 2>/dev/null
+$PY merge.py --model "$OUT/rl1_merged" --adapter "$OUT/rl2/final" --out "$OUT/rl2_merged" 2>/dev/null
+
+# 5. Evaluate every stage: the two-step chain, greedy, on the held-out split (eval.py runs infer.py's code).
+EVAL="$PY eval.py --protocol chain --questions $WORLD/data/test.jsonl --box_format viscot --batch_size 32"
+$EVAL --model "$BASE" --label untrained --out "$OUT/eval/untrained.json" > /dev/null 2>&1
+$EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json" > /dev/null 2>&1
+$EVAL --model "$OUT/rl1_merged" --label "DPO stage 1" --out "$OUT/eval/rl1.json" > /dev/null 2>&1
+$EVAL --model "$OUT/rl2_merged" --label "DPO stage 2" --out "$OUT/eval/rl2.json" > /dev/null 2>&1
+echo
+$PY tools/compare.py "$OUT/eval/untrained.json" "$OUT/eval/sft.json" "$OUT/eval/rl1.json" "$OUT/eval/rl2.json"
