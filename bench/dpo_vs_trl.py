@@ -1,0 +1,173 @@
+"""Stage-1 DPO throughput: rl_stage1.py against TRL's DPOTrainer on the same random-weight Qwen2-VL, the same
+pairs, batch size and steps, in one run (each trainer in its own process, so peak memory is its own).
+
+    python bench/dpo_vs_trl.py --toy runs/toy/world [--image_size 448] [--pairs 64] [--batch_size 4] [--steps 12]
+
+The model is the toy's config scaled up so the vision tower matters (448x448 images: 1024 patches, 256
+image tokens each; vision depth/width and LM width as flags), full fine-tuning, fp32, sigmoid loss, beta
+0.1. Pairs: the toy questions, chosen = the annotated box's text, rejected = another cell's. Reported: the
+first step's loss on both sides (both start from policy = reference, so log 2), steady-state pairs/s
+(steps after the first two), wall time including rl_stage1.py's one reference pass, and peak RSS.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def build(args, work):
+    """The scaled model (work/model) and the pairs (work/pairs.jsonl)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    import common
+    toy_model = os.path.join(args.toy, "qwen2-vl")
+    model_dir = os.path.join(work, "model")
+    config = AutoConfig.from_pretrained(toy_model)
+    config.vision_config.depth, config.vision_config.embed_dim = args.vision_depth, args.vision_width
+    config.vision_config.num_heads = args.vision_width // 64
+    config.vision_config.hidden_size = config.text_config.hidden_size = args.lm_width
+    config.text_config.intermediate_size = 4 * args.lm_width
+    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = args.lm_width // 32, 2
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.save_pretrained(model_dir)
+    for name in os.listdir(toy_model):
+        if not name.endswith((".safetensors", "config.json")) or name == "preprocessor_config.json":
+            shutil.copy(os.path.join(toy_model, name), model_dir)
+    with open(os.path.join(model_dir, "preprocessor_config.json")) as f:
+        pre = json.load(f)
+    pre["max_pixels"] = max(pre["max_pixels"], args.image_size ** 2)
+    with open(os.path.join(model_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(pre, f)
+    n = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for name, p in model.named_parameters() if common.is_vision_param(name))
+
+    records = common.read_records(os.path.join(args.toy, "data", "train.jsonl"))[:args.pairs]
+    os.makedirs(os.path.join(work, "images"), exist_ok=True)
+    pairs = []
+    for i, r in enumerate(records):
+        im = common.load_image(r, os.path.join(args.toy, "data")).resize((args.image_size, args.image_size))
+        name = f"images/{i}.png"
+        im.save(os.path.join(work, name))
+        sx, sy = args.image_size / 168, args.image_size / 112
+        box = [r["bbox"][0] * sx, r["bbox"][1] * sy, r["bbox"][2] * sx, r["bbox"][3] * sy]
+        wrong = [(box[0] + args.image_size / 3) % (args.image_size * 2 / 3), box[1], 0, box[3]]
+        wrong[2] = wrong[0] + box[2] - box[0]
+        s = args.image_size
+        pairs.append({"id": r["id"], "image": name, "question": r["question"], "answer": r["answer"], "width": s,
+                      "height": s, "chosen_box_text": common.box_to_text(box, "viscot", s, s, 2),
+                      "rejected_box_text": common.box_to_text(wrong, "viscot", s, s, 2)})
+    common.write_jsonl(os.path.join(work, "pairs.jsonl"), pairs)
+    print(f"model: {n / 1e6:.1f}M parameters ({vision / 1e6:.1f}M vision); {len(pairs)} pairs of "
+          f"{args.image_size}x{args.image_size} images", flush=True)
+
+
+def run_ours(args, work, model_dir):
+    out = os.path.join(work, "ours")
+    argv = [os.path.join(ROOT, "rl_stage1.py"), "--model", model_dir, "--data", os.path.join(work, "pairs.jsonl"),
+            "--output_dir", out, "--finetune", "full", "--dtype", "fp32", "--batch_size", str(args.batch_size),
+            "--max_steps", str(args.steps), "--eval_fraction", "0", "--lr", "1e-5", "--warmup_ratio", "0"]
+    # Run as __main__ in a child that reports its own peak RSS when done.
+    code = ("import resource, runpy, sys; sys.argv = " + repr(argv) + "; sys.path.insert(0, " + repr(ROOT) + ")\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"rl_stage1.py failed:\n{p.stderr[-4000:]}")
+    wall = time.time() - t
+    rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+    steady = sum(r["pairs_per_s"] for r in rows[2:]) / max(1, len(rows[2:]))
+    peak = int(p.stdout.strip().splitlines()[-1].split()[1])
+    return {"first_loss": rows[0]["loss"], "pairs_per_s": steady, "wall_s": wall, "peak_rss_gb": peak / 2 ** 20}
+
+
+TRL_SCRIPT = r'''
+import json, sys, time
+sys.path.insert(0, ROOT)
+import common
+from datasets import Dataset
+from PIL import Image
+from transformers import TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+model_dir, work, batch_size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+processor = common.load_processor(model_dir)
+model = common.load_model(model_dir)
+pairs = common.read_jsonl(work + "/pairs.jsonl")
+def reply(text):
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+data = Dataset.from_list([{"images": [Image.open(work + "/" + p["image"]).convert("RGB")],
+                           "prompt": common.focus_messages(p["question"]),  # the same prompt rl_stage1.py trains on
+                           "chosen": reply(p["chosen_box_text"]), "rejected": reply(p["rejected_box_text"])}
+                          for p in pairs])
+times, losses = [], []
+class Clock(TrainerCallback):
+    def on_step_begin(self, a, s, c, **kw): self.t = time.time()
+    def on_step_end(self, a, s, c, **kw): times.append(time.time() - self.t)
+    def on_log(self, a, s, c, logs=None, **kw):
+        if logs and "loss" in logs: losses.append(logs["loss"])
+config = DPOConfig(output_dir=work + "/trl", per_device_train_batch_size=batch_size, max_steps=steps,
+                   learning_rate=1e-5, lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1, beta=0.1,
+                   loss_type=["sigmoid"], max_length=None, report_to=[], save_strategy="no", use_cpu=True,
+                   gradient_checkpointing=False, bf16=False, dataloader_num_workers=0, seed=42)
+trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=processor, callbacks=[Clock()])
+trainer.train()
+steady = times[2:] or times
+import resource
+print(json.dumps({"first_loss": losses[0], "pairs_per_s": batch_size / (sum(steady) / len(steady)),
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+'''
+
+
+def run_trl(args, work, model_dir):
+    t = time.time()
+    p = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + TRL_SCRIPT, model_dir, work,
+                        str(args.batch_size), str(args.steps)], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"TRL run failed:\n{p.stderr[-4000:]}")
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.time() - t
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--toy", default=os.path.join(ROOT, "runs", "toy", "world"), help="a make_toy.py world")
+    parser.add_argument("--work", default=os.path.join(ROOT, "runs", "bench_dpo"), help="scratch directory")
+    parser.add_argument("--image_size", type=int, default=448)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--vision_depth", type=int, default=8)
+    parser.add_argument("--vision_width", type=int, default=256)
+    parser.add_argument("--lm_width", type=int, default=256)
+    parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.build_only:
+        build(args, args.work)
+        return
+    shutil.rmtree(args.work, ignore_errors=True)
+    os.makedirs(args.work)
+    # Built in a child: this process stays free of torch, whose idle OpenMP threads would compete with the
+    # measured runs.
+    subprocess.run([sys.executable, *sys.argv, "--build_only"], check=True)
+    model_dir = os.path.join(args.work, "model")
+    results = {}
+    for name, fn in (("rl_stage1.py", run_ours), ("TRL DPOTrainer", run_trl)):
+        results[name] = r = fn(args, args.work, model_dir)
+        print(f"{name:15s} first-step loss {r['first_loss']:.4f}  {r['pairs_per_s']:.2f} pairs/s  "
+              f"wall {r['wall_s']:.0f}s  peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+    ours, trl = results["rl_stage1.py"], results["TRL DPOTrainer"]
+    print(f"ratio (steady-state pairs/s): {ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
