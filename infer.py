@@ -76,27 +76,28 @@ def parse_args(argv=None):
 
 def run_batch(model, processor, records, images, mode="chain", box_format="viscot", prompt_set="visrl",
               max_new_tokens=64, do_sample=False, temperature=1.0):
-    """One output row per record. `images` are the records' full images (PIL), decoded once and used by
-    both steps. Timings are the step's batch time divided by the batch size."""
+    """One output row per record. `images` are the records' full images (PIL), decoded once; each goes
+    through the vision tower once, and both steps use its features. Timings are the step's batch time
+    divided by the batch size (the full images' encode counts to the first step)."""
     n = len(records)
     rows = [{"id": rec.get("id"), "question": rec["question"], "mode": mode, "box_text": None, "box": None,
              "crop": None} for rec in records]
     for row, rec in zip(rows, records):
         row.update({k: rec[k] for k in ("question_id", "dataset") if k in rec})
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
+    t = time.time()
+    full = common.image_features(model, processor, images)
 
     if mode == "direct":
-        t = time.time()
         examples = [common.Example(rec, None, common.direct_messages(rec["question"])) for rec in records]
-        answers = step(model, processor, examples, [[im] for im in images], gen)
+        answers = step(model, processor, examples, [[im] for im in images], [[f] for f in full], gen)
         for row, (answer, usage) in zip(rows, answers):
             row.update(answer=answer, focus_s=0.0, answer_s=(time.time() - t) / n, usage={"answer": usage})
         return rows
 
-    t = time.time()
     if mode in ("chain", "focus"):
         focus = [common.Example(rec, None, common.focus_messages(rec["question"], prompt_set)) for rec in records]
-        box_texts = step(model, processor, focus, [[im] for im in images], gen)
+        box_texts = step(model, processor, focus, [[im] for im in images], [[f] for f in full], gen)
         for row, im, (text, usage) in zip(rows, images, box_texts):
             w, h = im.size
             resized = common.smart_resize_hw(processor, w, h) if box_format == "qwen25" else None
@@ -121,17 +122,18 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
         ex = common.Example(rec, None, common.answer_messages(rec["question"], prompt_set), crop=row["crop"])
         examples.append(ex)
         step2_images.append(ex.images(full=im))
-    answers = step(model, processor, examples, step2_images, gen)
+    crops = common.image_features(model, processor, [pair[1] for pair in step2_images])
+    answers = step(model, processor, examples, step2_images, [[f, c] for f, c in zip(full, crops)], gen)
     for row, (answer, usage) in zip(rows, answers):
         row.update(answer=answer, focus_s=focus_s, answer_s=(time.time() - t) / n)
         row.setdefault("usage", {})["answer"] = usage
     return rows
 
 
-def step(model, processor, examples, images, gen):
-    """One generate call: (text, usage) per example; usage = prompt and completion tokens, and whether it
-    stopped at EOS (False: it hit max_new_tokens)."""
-    results = common.generate_tokens(model, processor, examples, images=images, **gen)
+def step(model, processor, examples, images, features, gen):
+    """One generate call on precomputed vision features: (text, usage) per example; usage = prompt and
+    completion tokens, and whether it stopped at EOS (False: it hit max_new_tokens)."""
+    results = common.generate_tokens(model, processor, examples, images=images, features=features, **gen)
     texts = processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
     return [(text, {"prompt_tokens": r["prompt_tokens"], "completion_tokens": len(r["ids"]), "stopped": r["stopped"]})
             for text, r in zip(texts, results)]

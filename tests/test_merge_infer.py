@@ -145,3 +145,19 @@ def test_infer_single_image(loaded, toy, capsys, monkeypatch):
                 "--max_new_tokens", "6"])
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["id"] == "cli" and row["mode"] == "chain" and isinstance(row["answer"], str)
+
+
+def test_each_image_is_encoded_once_across_both_steps(loaded, toy, tmp_path):
+    """Five records through the chain: one vision call on the 5 full images (serving both steps) and one on
+    the 5 crops; not one per step and record."""
+    model, processor = loaded
+    recs = mixed_records(toy, tmp_path)
+    images = [common.load_image(r, str(tmp_path)) for r in recs]
+    calls = []
+    hook = model.model.visual.register_forward_hook(
+        lambda m, a, kw, out: calls.append((kw["grid_thw"] if "grid_thw" in kw else a[1]).shape[0]), with_kwargs=True)
+    try:
+        infer.run_batch(model, processor, recs, images, mode="chain", max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert calls == [5, 5]
