@@ -689,15 +689,18 @@ def _encoder_outputs(features):
 
 def vision_features(model, processor, images):
     """The vision tower's output for each image (a list of (tokens, hidden) tensors), with gradients when the
-    vision tower trains. Computed once, it serves every sequence that shows the image."""
+    vision tower trains. Computed once, it serves every sequence that shows the image; the same image object
+    given twice is encoded once."""
     if not images:
         return []
-    pixels = processor.image_processor(images=images, return_tensors="pt")
+    unique = list({id(im): im for im in images}.values())
+    pixels = processor.image_processor(images=unique, return_tensors="pt")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dtype = next(base.parameters()).dtype
     out = base.get_image_features(pixels["pixel_values"].to(base.device, dtype),
                                   pixels["image_grid_thw"].to(base.device), return_dict=True)
-    return list(out.pooler_output)
+    by_id = dict(zip((id(im) for im in unique), out.pooler_output))
+    return [by_id[id(im)] for im in images]
 
 
 @torch.no_grad()
@@ -738,6 +741,8 @@ def generate(model, processor, examples, max_new_tokens=32, do_sample=False, tem
     results = generate_tokens(model, processor, examples, max_new_tokens, do_sample, temperature, images, features)
     return processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
 
+
+# ----------------------------------------------------------------------------------------------- runtime
 
 def add_runtime_args(parser):
     g = parser.add_argument_group("runtime")
@@ -940,6 +945,15 @@ def global_order(n_items, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n_items).tolist()
 
 
+def step_counts(n_items, args, world, what):
+    """(global batch, steps per epoch, total steps) of a stage over n_items training items."""
+    global_batch = args.batch_size * args.grad_accum * world
+    if n_items < global_batch:
+        raise SystemExit(f"{n_items} usable {what}, fewer than one global batch of {global_batch}")
+    steps_per_epoch = n_items // global_batch
+    return global_batch, steps_per_epoch, args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+
 def step_indices(n_items, step, global_batch, seed):
     """Indices of the examples that make up optimizer step `step` (all ranks, all micro-batches), walking
     through epochs of shuffled orders; a partial last batch of an epoch is dropped."""
@@ -1040,13 +1054,16 @@ def weights_fingerprint(model_dir):
     return hashlib.sha256("".join(sorted(rows)).encode()).hexdigest()[:16]
 
 
-def adapter_fingerprint(adapter_dir):
-    """A hash of a LoRA adapter's weights (small: read whole); None without an adapter."""
-    if not adapter_dir:
-        return None
+def file_fingerprint(path):
+    """A hash of a whole (small) file: an adapter's weights, a data file."""
     import hashlib
-    with open(os.path.join(adapter_dir, "adapter_model.safetensors"), "rb") as f:
+    with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def adapter_fingerprint(adapter_dir):
+    """A hash of a LoRA adapter's weights; None without an adapter."""
+    return file_fingerprint(os.path.join(adapter_dir, "adapter_model.safetensors")) if adapter_dir else None
 
 
 def check_made_by(stamp_path, made_by):

@@ -207,7 +207,8 @@ class Judge:
     """Scores (question, reference, answer) triples in [0, 1]. rule: in process. http / model: Visual-CoT's
     judge prompt, exactly one 'score: x' parsed and clipped, anything else 0 (counted as unparsable); a call
     that fails after its retries scores 0 and is counted. Verdicts are cached in a JSONL next to the report,
-    appended as they come, so a rerun after a kill does not ask again."""
+    appended as they come, so a rerun after a kill does not ask again; failed calls are not cached, so a rerun
+    asks them again."""
 
     def __init__(self, args):
         self.args = args
@@ -259,7 +260,8 @@ class Judge:
                "reply": reply}
         with self.lock:
             self.cache[(self.name, *triple)] = row
-            common.append_jsonl(cache_file, [row])
+            if not failed:  # a failure (a server down for a minute) must not stick to later runs
+                common.append_jsonl(cache_file, [row])
 
     def _http(self, todo, cache_file):
         key = os.environ.get(self.args.judge_api_key_env)

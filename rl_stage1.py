@@ -164,11 +164,6 @@ def sequence_logps(model, module, processor, units, device):
 
 # ------------------------------------------------------------------------------------------- reference
 
-def file_hash(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
 @torch.no_grad()
 def precompute_reference(rt, model, processor, units, args, resuming):
     """Reference log-probs of every unit, from the model as the stage starts (before any update, dropout
@@ -177,8 +172,9 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     path = os.path.join(args.output_dir, "reference_logps.jsonl")
     common.check_made_by(path[:-len(".jsonl")] + ".made_by.json", {
         "model": args.model, "weights": common.weights_fingerprint(args.model), "adapter": args.adapter,
-        "adapter_weights": common.adapter_fingerprint(args.adapter), "data": file_hash(args.data),
-        "eval_data": file_hash(args.eval_data) if args.eval_data else None, "prompt_set": args.prompt_set})
+        "adapter_weights": common.adapter_fingerprint(args.adapter), "data": common.file_fingerprint(args.data),
+        "eval_data": common.file_fingerprint(args.eval_data) if args.eval_data else None,
+        "prompt_set": args.prompt_set})
     rt.barrier()
     cache = {row["key"]: row for row in common.resume_jsonl(path)} if os.path.exists(path) else {}
     todo = [u for u in units if u["key"] not in cache]
@@ -307,11 +303,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     if args.eval_data:
         eval_units, _ = read_pairs(args.eval_data, args.image_root, processor, args, need_answers)
     pairs = group_by_pair(train_units)
-    global_batch = args.batch_size * args.grad_accum * rt.world
-    if len(pairs) < global_batch:
-        raise SystemExit(f"{stage}: {len(pairs)} training pairs, fewer than one global batch of {global_batch}")
-    steps_per_epoch = len(pairs) // global_batch
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    global_batch, steps_per_epoch, total_steps = common.step_counts(len(pairs), args, rt.world, "training pairs")
 
     ckpt = common.resolve_resume(args) if args.resume else None
     model = common.load_for_training(args, ckpt)
@@ -361,11 +353,15 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
                     loss = loss + args.sft_weight * t["chosen_nll"] / n_chosen_tokens
                 rt.backward(loss)
             add(sums, metric_sums(units, t))
+            sums["chosen_nll"] = sums.get("chosen_nll", 0.0) + float(t["chosen_nll"].detach())
             meter.add(len(mine[m * args.batch_size:(m + 1) * args.batch_size]), 0)
         grad_norm = rt.step()
         sums = {k: rt.all_sum(v) for k, v in sorted(sums.items())}
         metrics = finish_metrics(sums)
         step_loss = sum(weight[k] * metrics[f"{k}/loss"] for k in KINDS if f"{k}/loss" in metrics)
+        if args.sft_weight:  # the optimised loss includes the SFT term: log both
+            metrics["sft_nll"] = sums["chosen_nll"] / n_chosen_tokens
+            step_loss += args.sft_weight * metrics["sft_nll"]
         loss_sum += step_loss
         if rt.is_main:
             bar.set_postfix(loss=f"{step_loss:.4f}")

@@ -14,7 +14,6 @@ Writes output_dir/metrics.jsonl, output_dir/checkpoint-N/ (model + exact trainin
 output_dir/final/ (the trained model or adapter, a from_pretrained directory).
 """
 import argparse
-import math
 import os
 import time
 
@@ -81,11 +80,7 @@ def main():
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     processor = common.load_processor(args.model)
     examples, skipped = build_examples(common.read_records(args.data), processor, rt.is_main)
-    global_batch = args.batch_size * args.grad_accum * rt.world
-    if len(examples) < global_batch:
-        raise SystemExit(f"{len(examples)} usable examples, fewer than one global batch of {global_batch}")
-    steps_per_epoch = len(examples) // global_batch
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    global_batch, steps_per_epoch, total_steps = common.step_counts(len(examples), args, rt.world, "examples")
 
     # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
     ckpt = common.resolve_resume(args) if args.resume else None

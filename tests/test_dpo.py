@@ -270,3 +270,25 @@ def test_resume_continues_exactly(toy, tmp_path, stage2_reference):
     got = {r["step"]: r["loss"] for r in common.read_jsonl(str(cut / "metrics.jsonl")) if "loss" in r}
     want = {r["step"]: r["loss"] for r in common.read_jsonl(str(full / "metrics.jsonl")) if "loss" in r}
     assert [got[s] for s in range(1, 7)] == pytest.approx([want[s] for s in range(1, 7)], rel=1e-5, abs=1e-7)
+
+
+def test_sft_term_is_in_the_logged_loss(toy, tmp_path):
+    """--sft_weight adds the chosen responses' token NLL to the optimised loss, and the log says so."""
+    path = toy_pairs(toy, tmp_path)
+    first = run_stage(toy, path, tmp_path / "sft", "--sft_weight", "1.0")[0]
+    assert first["sft_nll"] > 0.5  # the untrained model does not know the box texts
+    assert first["loss"] == pytest.approx(math.log(2) + first["sft_nll"], rel=1e-6)
+
+
+def test_pairs_without_a_rejected_answer_and_malformed_lines(toy, tmp_path):
+    path = toy_pairs(toy, tmp_path)
+    rows = common.read_jsonl(path)
+    rows[1]["rejected_answer"] = None  # its rejected box did not parse: no answer to compare
+    common.write_jsonl(path, rows)
+    processor = common.load_processor(str(toy / "qwen2-vl"))
+    args = stage_args(path, "--answer_weight", "0.5")
+    units, skipped = rl_stage1.read_pairs(path, str(toy / "data"), processor, args, need_answers=True)
+    assert skipped["no_answer_pair"] == 1 and [u["kind"] for u in units].count("answer") == 3
+    common.write_jsonl(path, rows[:2] + [{"id": "x", "image": "i.png", "question": "q"}])
+    with pytest.raises(common.DataError, match=r"pairs.jsonl:3: field 'chosen_box_text' must be a string"):
+        rl_stage1.read_pairs(path, str(toy / "data"), processor, args, need_answers=True)

@@ -155,10 +155,10 @@ def test_http_judge_parsing_failures_and_cache(tmp_path):
         assert ev.judge_summary(verdicts) == {"answer_score": pytest.approx(2.7 / 7), "judge_unparsable": 3,
                                               "judge_failed": 1}
         assert calls.count("flaky") == 2 and calls.count("fail") == 2  # one retry each
-        # A rerun (after a kill, say) reads the cached verdicts and asks nothing again.
+        # A rerun (after a kill, say) reads the cached verdicts and asks again only the call that failed.
         n_calls = len(calls)
         assert [v["score"] for v in ev.Judge(args).score(triples)] == [v["score"] for v in verdicts]
-        assert len(calls) == n_calls
+        assert calls[n_calls:] == ["fail", "fail"]
 
 
 def test_model_judge_runs_text_only(toy, tmp_path):
@@ -218,3 +218,55 @@ def test_chain_protocol_with_model_end_to_end(toy, tmp_path):
     # Predictions from another model in the same place are refused, not mixed in.
     with pytest.raises(AssertionError, match="were made with other model, weights"):
         run_script(*[c if c != str(toy / "qwen2-vl") else str(toy / "qwen2.5-vl") for c in cmd])
+
+
+def protocol_questions(protocol, toy, tmp_path):
+    """Three toy records in each protocol's own ground-truth format; returns (path, prediction keys)."""
+    recs = common.read_records(str(toy / "data" / "train.jsonl"))[:3]
+    if protocol == "viscot-det":
+        rows = [{"img_path": r["image"], "expression": r["question"], "bbox": r["bbox"], "height": 112,
+                 "width": 168, "question_id": i} for i, r in enumerate(recs)]
+        keys = {"question_id", "text", "bbox", "height", "width"}
+    elif protocol == "viscot-answer":
+        prompt = (" Please provide the bounding box coordinate of the region that can help you answer the question"
+                  " better.")
+        rows = [{"dataset": "toy", "split": "val", "question_id": i,
+                 "image": [r["image"], f"{r['image']}###{r['bbox']}"],
+                 "conversations": [{"from": "human", "value": "<image>\n" + r["question"] + prompt},
+                                   {"from": "gpt", "value": common.box_to_text(r["bbox"], "viscot", 168, 112)},
+                                   {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["answer"]}]}
+                for i, r in enumerate(recs)]
+        keys = {"question_id", "text", "box_text"}
+    elif protocol == "virft-det":
+        xywh = [[r["bbox"][0], r["bbox"][1], r["bbox"][2] - r["bbox"][0], r["bbox"][3] - r["bbox"][1]] for r in recs]
+        rows = {"images": [{"id": i + 1, "file_name": r["image"], "width": 168, "height": 112}
+                           for i, r in enumerate(recs)],
+                "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "bbox": b,
+                                 "area": b[2] * b[3]} for i, b in enumerate(xywh)],
+                "categories": [{"id": 1, "name": "shape"}]}
+        keys = {"image_id", "category_id", "text"}
+    elif protocol == "virft-cls":
+        rows = [{"id": r["id"], "image": r["image"], "problem": r["question"],
+                 "solution": f"<answer>{r['answer']}</answer>"} for r in recs]
+        keys = {"id", "text"}
+    else:  # grounding: our records, the focus step
+        rows, keys = recs, {"id", "text", "box"}
+    path = tmp_path / ("q.json" if protocol in ("viscot-answer", "virft-det") else "q.jsonl")
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        common.write_jsonl(str(path), rows)
+    return str(path), keys
+
+
+@pytest.mark.parametrize("protocol", ["viscot-det", "viscot-answer", "virft-det", "virft-cls", "grounding"])
+def test_every_protocol_runs_a_model_first(toy, tmp_path, protocol):
+    """--model on each protocol's own files: infer.py's code answers in the protocol's prediction format,
+    one line per question, and the scorer reads it back."""
+    qpath, keys = protocol_questions(protocol, toy, tmp_path)
+    ev.main(["--protocol", protocol, "--questions", qpath, "--model", str(toy / "qwen2-vl"), "--image_root",
+             str(toy / "data"), "--out", str(tmp_path / "r.json"), "--max_new_tokens", "4"])
+    preds = common.read_jsonl(str(tmp_path / "r.predictions" / f"{protocol}_q.jsonl"))
+    assert len(preds) == 3 and all(keys <= set(p) for p in preds)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["protocol"] == protocol and "q" in report["datasets"]

@@ -161,3 +161,12 @@ def test_each_image_is_encoded_once_across_both_steps(loaded, toy, tmp_path):
     finally:
         hook.remove()
     assert calls == [5, 5]
+
+
+def test_the_same_image_object_is_encoded_once(loaded, toy):
+    """n samples of one request (the server's two-step model with n > 1) share one encode."""
+    model, processor = loaded
+    rec = common.read_records(str(toy / "data" / "train.jsonl"))[0]
+    image = common.load_image(rec, str(toy / "data"))
+    feats = common.image_features(model, processor, [image, image, image])
+    assert feats[0] is feats[1] is feats[2]
