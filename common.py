@@ -4,6 +4,7 @@ runtime, checkpoints and logging. Each stage's algorithm lives in its own script
 Sections, in order: records (JSONL) | boxes | prompts | answers and judges | model and processor |
 examples and batches | runtime (launchers, optimizer, schedule) | checkpoints | logging.
 """
+import contextlib
 import json
 import math
 import os
@@ -389,6 +390,19 @@ def extract_answer(text):
     return text.strip()
 
 
+def normalize_class_label(text):
+    """Visual-RFT's classification normalisation: <answer> content, lower case, no spaces or underscores."""
+    return extract_answer(text).lower().replace(" ", "").replace("_", "")
+
+
+def read_detections(text):
+    """parse_detections, except that the detection prompt's own reply for an absent category ('No Objects')
+    is no detections ([]), not an unparsable answer (None)."""
+    if extract_answer(text).strip(" .'\"").lower() == "no objects":
+        return []
+    return parse_detections(text)
+
+
 def _close_truncated_list(s):
     """If the top-level list is unclosed (generation cut off), keep only the complete
     items and close it.  Returns s unchanged when brackets balance; None when nothing
@@ -717,6 +731,13 @@ def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=Fal
     and whether it stopped at EOS (False: it hit max_new_tokens). `features`: per example, its images'
     precomputed vision features (image_features), used instead of running the vision tower again."""
     encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
+    return generate_encoded(model, processor, encoded, max_new_tokens, do_sample, temperature, features)
+
+
+@torch.no_grad()
+def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=False, temperature=1.0, features=None):
+    """generate_tokens on prompts already encoded (encode): a prompt sampled G times is encoded once and
+    listed G times."""
     batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
     batch.pop("labels")
     if batch["pixel_values"] is None:  # text-only prompts
@@ -862,6 +883,42 @@ class Runtime:
         seed_everything(a.seed + self.rank)
         return self.model
 
+    def frozen(self, model):
+        """A model that only runs forward (a reference), on this rank's device. Under ZeRO-3 it was loaded
+        partitioned (from_pretrained sees the ZeRO-3 config), so it gets an inference engine whose hooks
+        gather each layer's weights as it runs; elsewhere it is a plain copy on the device."""
+        model.eval().requires_grad_(False)
+        if self.use_deepspeed and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
+            import deepspeed
+            engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
+            engine.eval()
+            return engine.module
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """ZeRO-3: the whole model's weights gathered on every rank while generating, with DeepSpeed's hooks
+        off meanwhile, so decoding runs on full weights instead of all-gathering every layer for every new
+        token; memory for one full copy per rank. Elsewhere nothing to do."""
+        if not (self.use_deepspeed and self.engine.zero_optimization_stage() == 3):
+            yield
+            return
+        import deepspeed
+        offload = self.engine.optimizer.parameter_offload
+        for p in self.module.parameters():
+            p.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+                yield
+        finally:
+            coordinator = offload.param_coordinator
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()  # the generation forwards are not the training trace
+            offload._register_deepspeed_module(offload.module)
+
     def autocast(self):
         """bf16/fp16 autocast outside DeepSpeed (DeepSpeed casts the module itself)."""
         on = self.autocast_dtype in (torch.bfloat16, torch.float16) and self.device.type == "cuda"
@@ -869,7 +926,6 @@ class Runtime:
 
     def no_sync(self, last_micro):
         """Skip the DDP gradient all-reduce on all but the last micro-batch of a step."""
-        import contextlib
         if not last_micro and isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
             return self.model.no_sync()
         return contextlib.nullcontext()
@@ -992,6 +1048,12 @@ def save_checkpoint(rt, processor, out_dir, step, extra=None):
         prune_checkpoints(out_dir, rt.args.save_total_limit)
     rt.barrier()
     return final
+
+
+def save_last(rt, processor, out_dir, step):
+    """The end of a stage: the last step's checkpoint (what --resume reads) and the model alone as OUT/final."""
+    save_checkpoint(rt, processor, out_dir, step)
+    return save_final(rt, processor, out_dir)
 
 
 def gathered_state_dict(rt):
@@ -1131,6 +1193,18 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+
+    def rewind(self, step):
+        """Drop the lines after `step`: a run resumed from that checkpoint writes them again."""
+        if self.enabled and os.path.exists(self.path):
+            write_jsonl(self.path, [row for row in resume_jsonl(self.path) if row.get("step", 0) <= step])
+
+
+def add_sums(total, part):
+    """total[k] += part[k]: metric sums over micro-batches, before all_sum over ranks."""
+    for k, v in part.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
 
 
 def progress(iterable=None, enabled=True, **kw):

@@ -342,9 +342,7 @@ def virft_to_coco_dets(pred_rows, gt):
     dets, n_bad = [], 0
     for row in pred_rows:
         text = row.get("text")
-        # The prompt's own answer for an image without the category: no detections, not an unparsable reply.
-        no_objects = common.extract_answer(text).strip(" .'\"").lower() == "no objects"
-        parsed = [] if no_objects else common.parse_detections(text)
+        parsed = common.read_detections(text)  # 'No Objects' is no detections, not an unparsable reply
         if parsed is None:
             n_bad += 1
             continue
@@ -517,18 +515,13 @@ def score_virft_det(gt, preds, args, paths):
 
 # ---------------------------------------------------------------------------------------- virft-cls
 
-def normalize_label(text):
-    """Visual-RFT's classification normalisation: <answer> content, lower case, no spaces or underscores."""
-    return common.extract_answer(text).lower().replace(" ", "").replace("_", "")
-
-
 def score_virft_cls(records, preds, args, paths):
     by_id = by_key(preds, record_id, paths[1])
     rows, correct = [], 0
     for rec in records:
-        label = normalize_label(rec.get("solution") or rec.get("answer") or "")
+        label = common.normalize_class_label(rec.get("solution") or rec.get("answer") or "")
         pred = by_id.get(record_id(rec), {}).get("text")
-        ok = bool(label) and normalize_label(pred) == label  # an empty answer never matches
+        ok = bool(label) and common.normalize_class_label(pred) == label  # an empty answer never matches
         correct += ok
         rows.append({"id": record_id(rec), "text": pred, "label": label, "correct": ok})
     n = len(records)

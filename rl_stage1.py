@@ -272,12 +272,6 @@ def finish_metrics(sums, prefix=""):
     return out
 
 
-def add(total, part):
-    for k, v in part.items():
-        total[k] = total.get(k, 0.0) + v
-    return total
-
-
 @torch.no_grad()
 def evaluate(rt, model, processor, units, ref, args, ref_model):
     """Preference metrics on held-out pairs; every rank runs all of them (ranks stay in step under ZeRO-3)."""
@@ -285,7 +279,7 @@ def evaluate(rt, model, processor, units, ref, args, ref_model):
     sums = {}
     for s in range(0, len(units), args.batch_size):
         chunk = units[s:s + args.batch_size]
-        add(sums, metric_sums(chunk, preference_terms(rt, model, processor, chunk, ref, args, ref_model)))
+        common.add_sums(sums, metric_sums(chunk, preference_terms(rt, model, processor, chunk, ref, args, ref_model)))
     model.train()
     return finish_metrics(sums, "eval_")
 
@@ -312,9 +306,8 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     model = rt.setup(model, total_steps)
     ref_model = None
     if args.reference == "model":
-        ref_model = common.load_model(args.ref_model or args.model, dtype, args.attn,
-                                      adapter=None if args.ref_model else args.adapter).eval().to(rt.device)
-        ref_model.requires_grad_(False)
+        ref_model = rt.frozen(common.load_model(args.ref_model or args.model, dtype, args.attn,
+                                                adapter=None if args.ref_model else args.adapter))
     ref = precompute_reference(rt, model, processor, train_units + eval_units, args, bool(ckpt)) \
         if args.reference == "precomputed" else None
     start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
@@ -352,7 +345,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
                 if args.sft_weight:
                     loss = loss + args.sft_weight * t["chosen_nll"] / n_chosen_tokens
                 rt.backward(loss)
-            add(sums, metric_sums(units, t))
+            common.add_sums(sums, metric_sums(units, t))
             sums["chosen_nll"] = sums.get("chosen_nll", 0.0) + float(t["chosen_nll"].detach())
             meter.add(len(mine[m * args.batch_size:(m + 1) * args.batch_size]), 0)
         grad_norm = rt.step()
@@ -375,8 +368,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     final_eval = evaluate(rt, model, processor, eval_units, ref, args, ref_model) if eval_units else {}
     if final_eval:
         log.write({"step": total_steps, **final_eval})
-    common.save_checkpoint(rt, processor, args.output_dir, total_steps)
-    common.save_final(rt, processor, args.output_dir)
+    common.save_last(rt, processor, args.output_dir, total_steps)
     if rt.is_main:
         n = total_steps - start_step
         acc = {k: round(v, 3) for k, v in final_eval.items() if k.endswith("accuracy")}

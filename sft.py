@@ -146,8 +146,7 @@ def main():
                        "tokens_per_s": rates["tokens_per_s"] * rt.world, "epoch": (step + 1) / steps_per_epoch})
         if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < total_steps:
             common.save_checkpoint(rt, processor, args.output_dir, step + 1)
-    common.save_checkpoint(rt, processor, args.output_dir, total_steps)
-    common.save_final(rt, processor, args.output_dir)
+    common.save_last(rt, processor, args.output_dir, total_steps)
     if rt.is_main:
         n = total_steps - start_step
         print(f"sft done: {n} steps in {time.time() - t0:.0f}s, mean loss {loss_sum / max(1, n):.4f}, "
