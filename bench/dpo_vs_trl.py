@@ -30,13 +30,30 @@ def build(args, work):
     toy_model = os.path.join(args.toy, "qwen2-vl")
     model_dir = os.path.join(work, "model")
     config = AutoConfig.from_pretrained(toy_model)
-    config.vision_config.depth, config.vision_config.embed_dim = args.vision_depth, args.vision_width
-    config.vision_config.num_heads = args.vision_width // 64
-    config.vision_config.hidden_size = config.text_config.hidden_size = args.lm_width
-    config.text_config.intermediate_size = 4 * args.lm_width
-    config.text_config.num_attention_heads, config.text_config.num_key_value_heads = args.lm_width // 32, 2
+    if getattr(args, "arch", "toy") == "qwen2-vl-2b":
+        # Qwen2-VL-2B-Instruct's shapes (its config.json), random weights; the toy tokenizer's ids are a subset
+        # of its 151936-entry vocabulary, so the LM head costs what the real one does.
+        text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+                "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6}
+        for k, v in text.items():
+            setattr(config.text_config, k, v)
+        config.text_config.layer_types = ["full_attention"] * 28
+        config.text_config.max_window_layers = 28
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True  # as the 2B checkpoint
+        config.text_config.rope_parameters = dict(config.text_config.rope_parameters, rope_theta=1e6,
+                                                  mrope_section=[16, 24, 24])
+        config.vision_config.depth, config.vision_config.embed_dim, config.vision_config.num_heads = 32, 1280, 16
+        config.vision_config.hidden_size = 1536
+    else:
+        config.vision_config.depth, config.vision_config.embed_dim = args.vision_depth, args.vision_width
+        config.vision_config.num_heads = args.vision_width // 64
+        config.vision_config.hidden_size = config.text_config.hidden_size = args.lm_width
+        config.text_config.intermediate_size = 4 * args.lm_width
+        config.text_config.num_attention_heads, config.text_config.num_key_value_heads = args.lm_width // 32, 2
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
+    if getattr(args, "arch", "toy") == "qwen2-vl-2b":
+        model = model.to(torch.bfloat16)  # what a real checkpoint holds (and half the bytes to write)
     model.save_pretrained(model_dir)
     for name in os.listdir(toy_model):
         if not name.endswith((".safetensors", "config.json")) or name == "preprocessor_config.json":
@@ -127,15 +144,20 @@ print(json.dumps({"first_loss": losses[0], "pairs_per_s": batch_size / (sum(stea
 '''
 
 
-def run_trl(args, work, model_dir):
+def run_trl_script(script, *argv):
+    """A TRL trainer script in a child process (its peak memory its own); its last stdout line is JSON."""
     t = time.time()
-    p = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + TRL_SCRIPT, model_dir, work,
-                        str(args.batch_size), str(args.steps)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", f"ROOT = {ROOT!r}\n" + script, *map(str, argv)], capture_output=True,
+                       text=True)
     if p.returncode != 0:
         raise SystemExit(f"TRL run failed:\n{p.stderr[-4000:]}")
     result = json.loads(p.stdout.strip().splitlines()[-1])
     result["wall_s"] = time.time() - t
     return result
+
+
+def run_trl(args, work, model_dir):
+    return run_trl_script(TRL_SCRIPT, model_dir, work, args.batch_size, args.steps)
 
 
 def main():
