@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole chain on the built-in toy world (tiny random Qwen2-VL + synthetic grounded VQA), on CPU in
 # minutes. Each stage reads the previous stage's files; set OUT to put the run elsewhere.
-#   bash pipeline.sh    # toy world -> SFT -> self-evolution pairs -> DPO stage 1 -> stage 2 -> eval table
+#   bash pipeline.sh    # toy world -> SFT -> self-evolution pairs -> DPO stage 1 -> stage 2; GRPO -> eval table
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/toy}
@@ -39,11 +39,21 @@ $PY merge.py --model "$OUT/sft/final" --adapter "$OUT/rl1/final" --out "$OUT/rl1
 $PY rl_stage2.py --model "$OUT/rl1_merged" $DPO --output_dir "$OUT/rl2" 2>/dev/null
 $PY merge.py --model "$OUT/rl1_merged" --adapter "$OUT/rl2/final" --out "$OUT/rl2_merged" 2>/dev/null
 
-# 5. Evaluate every stage: the two-step chain, greedy, on the held-out split (eval.py runs infer.py's code).
+# 5. Online GRPO, VisRL's chain as one rollout (--task focus): the SFT model samples a box, answers on its
+#    crop, and the answer alone is the reward (exact match); both steps' tokens are trained. Full fine-tuning
+#    from the SFT model (as SFT), 8 questions x 8 rollouts per step, on the questions filter_pairs.py wrote as
+#    GRPO prompts.
+$PY grpo.py --task focus --model "$OUT/sft/final" --data "$OUT/pairs/grpo_prompts.jsonl" --image_root "$WORLD/data" \
+    --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 3e-4 --max_steps 100 --batch_size 8 \
+    --num_generations 8 --max_new_tokens 32 2>/dev/null
+
+# 6. Evaluate every stage: the two-step chain, greedy, on the held-out split (eval.py runs infer.py's code).
 EVAL="$PY eval.py --protocol chain --questions $WORLD/data/test.jsonl --box_format viscot --batch_size 32"
 $EVAL --model "$BASE" --label untrained --out "$OUT/eval/untrained.json" > /dev/null 2>&1
 $EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json" > /dev/null 2>&1
 $EVAL --model "$OUT/rl1_merged" --label "DPO stage 1" --out "$OUT/eval/rl1.json" > /dev/null 2>&1
 $EVAL --model "$OUT/rl2_merged" --label "DPO stage 2" --out "$OUT/eval/rl2.json" > /dev/null 2>&1
+$EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json" > /dev/null 2>&1
 echo
-$PY tools/compare.py "$OUT/eval/untrained.json" "$OUT/eval/sft.json" "$OUT/eval/rl1.json" "$OUT/eval/rl2.json"
+$PY tools/compare.py "$OUT/eval/untrained.json" "$OUT/eval/sft.json" "$OUT/eval/rl1.json" "$OUT/eval/rl2.json" \
+    "$OUT/eval/grpo.json"
