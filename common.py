@@ -746,9 +746,11 @@ def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=Fal
         batch.pop("pixel_values")
         batch["mm_encoder_outputs"] = {"image": _encoder_outputs(f for per_example in features for f in per_example)}
     eos = processor.tokenizer.eos_token_id
+    # synced_gpus=False: under ZeRO-3 training generates on gathered weights (Runtime.gathered), so a rank
+    # need not keep stepping until every rank is done (HF's default there), nor call generate when others do.
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=False)
     results = []
     for e, row in zip(encoded, out[:, batch["input_ids"].shape[1]:].tolist()):
         stop = row.index(eos) + 1 if eos in row else len(row)

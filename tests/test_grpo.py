@@ -432,7 +432,9 @@ def test_launchers(toy, tmp_path, launcher):
         extra = []
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29642"]
-        extra = ["--deepspeed", os.path.join(ROOT, "configs", "zero3.json"), "--finetune", "full"]
+        # The focus task (two generate calls per step on gathered weights) and a reference model with its own
+        # inference engine.
+        extra = ["--deepspeed", os.path.join(ROOT, "configs", "zero3.json"), "--finetune", "full", "--task", "focus"]
     run_script(*cmd, os.path.join(ROOT, "grpo.py"), *grpo_args(toy, tmp_path / "out", "--max_steps", "2",
                                                                "--batch_size", "1", *extra), env=env)
     rows = common.read_jsonl(str(tmp_path / "out" / "metrics.jsonl"))
