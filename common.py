@@ -30,6 +30,8 @@ class DataError(ValueError):
 
 def iter_jsonl(path):
     """(line number, object) for each non-blank line; a malformed line raises DataError naming file and line."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -31,10 +31,10 @@ as is; otherwise grounding uses VisRL's focus prompt and detection/classificatio
 
 Each prompt's image goes through the vision tower once per generation, not once per completion; with the
 vision tower frozen, those features also serve the old, reference and training passes. With LoRA, the
-adapter is folded into the weights while generating (--merge_for_generation); under ZeRO-3 generation runs
-on the gathered model. --batch_size counts
-prompts (each gives G rollouts). Outputs: OUT/metrics.jsonl, OUT/samples.jsonl (completions with rewards
-every --sample_steps), checkpoints, OUT/final.
+adapter is folded into the weights while generating (--merge_for_generation); under ZeRO-3 generation
+runs on the gathered model. --batch_size counts prompts (each gives G rollouts). Outputs:
+OUT/metrics.jsonl, OUT/samples.jsonl (completions with rewards every --sample_steps), checkpoints,
+OUT/final.
 """
 import argparse
 import contextlib

@@ -449,6 +449,8 @@ def test_bad_input_names_file_and_line(toy, tmp_path):
         "no_solution": ([{"image": good[0]["image"], "problem": "find it"}], "bad.jsonl:1: the detection task needs"),
         "missing_image": ([dict(good[0], image="images/nope.png")], "cannot load image"),
     }
+    with pytest.raises(common.DataError, match="nope.jsonl: no such file"):
+        grpo.read_prompts(str(tmp_path / "nope.jsonl"), str(toy / "data"), "grounding")
     for name, (rows, message) in cases.items():
         path = tmp_path / "bad.jsonl"
         with open(path, "w") as f:
