@@ -232,14 +232,14 @@ REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence":
 
 def read_prompts(path, image_root, task):
     """Prompt records, checked for what the task's rewards need; errors name file and line."""
+    need = {"detection": ("solution",), "classification": ("solution", "answer"),
+            "grounding": ("bbox", "solution"), "focus": ("answer", "solution")}[task]
     prompts = []
     for lineno, rec in common.iter_jsonl(path):
         where = f"{path}:{lineno}"
         text = rec.get("problem") if "problem" in rec else rec.get("question")
         if not isinstance(rec.get("image"), str) or not isinstance(text, str) or not text.strip():
             raise common.DataError(f"{where}: needs 'image' and a non-empty 'problem' or 'question'")
-        need = {"detection": ("solution",), "classification": ("solution", "answer"),
-                "grounding": ("bbox", "solution"), "focus": ("answer", "solution")}[task]
         if not any(rec.get(k) is not None for k in need):
             raise common.DataError(f"{where}: the {task} task needs '{' or '.join(need)}'")
         if rec.get("bbox") is not None:
@@ -391,7 +391,9 @@ def sequence_logps(model, module, processor, seqs, temperature, device, reuse_fe
     """Per-token log-probs (S, T-1) and label masks of the sequences at the sampling temperature. Vision
     features: the rollout's own when the vision tower is frozen (they are what it would compute again),
     else recomputed with gradients, each distinct image once."""
-    batch = common.to_device(common.collate(train_batch(seqs), processor.tokenizer.pad_token_id), device)
+    batch = common.collate(train_batch(seqs), processor.tokenizer.pad_token_id)
+    batch["pixel_values"] = None  # the features below stand in for them: G copies need not go to the device
+    batch = common.to_device(batch, device)
     if reuse_features:
         features = [f for s in seqs for f in s["features"]]
     else:

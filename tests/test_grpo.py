@@ -135,9 +135,8 @@ def test_group_advantages():
     r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.3, 0.3 + 1e-9, 0.3, 0.3], [2.0, 0.0, 1.0, 1.0]],
                      dtype=torch.float64)
     adv, flat = grpo.group_advantages(r, "group")
-    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
-    assert adv[0].tolist() == pytest.approx([0.5 / (std + 1e-4), -0.5 / (std + 1e-4)] * 1 + [-0.5 / (std + 1e-4),
-                                            0.5 / (std + 1e-4)])
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # centred 0.5 over the unbiased std of (1, 0, 0, 1), + 1e-4
+    assert adv[0].tolist() == pytest.approx([a, -a, -a, a])
     assert adv[1].tolist() == [0.0] * 4 and adv[2].tolist() == [0.0] * 4  # zero variance, within tolerance too
     assert flat.tolist() == [False, True, True, False]
     adv, _ = grpo.group_advantages(r, "none")
@@ -302,7 +301,6 @@ def test_focus_rollout_crops_its_own_box(toy, policy):
     root = str(toy / "data")
     prompts = grpo.read_prompts(str(toy / "data" / "train.jsonl"), root, "focus")[:2]
     images = grpo.load_images(prompts, root)
-    rollouts = grpo.rollout(model, processor, prompts, images, rollout_args(task="focus"), 2, True)
     # An untrained model writes no box: force one through the parse step to exercise the crop path.
     w, h = images[1].size
     box_text = common.box_to_text([0, 0, w / 2, h / 2], "viscot", w, h)
@@ -341,17 +339,24 @@ def test_vision_tokens_never_reach_training(policy):
     assert grpo.cut_vision_tokens([5, 6, 7], vision) == ([5, 6, 7], False)
 
 
-def test_lora_merged_generation_restores_the_weights_exactly(toy):
-    """Generation with the LoRA folded in gives the unmerged model's tokens, and afterwards every weight is
-    bit for bit what it was (an unmerge alone would not be, in bf16)."""
+def lora_policy(toy, dtype):
     from peft import LoraConfig, get_peft_model
-    processor = common.load_processor(str(toy / "qwen2-vl"))
-    model = get_peft_model(common.load_model(str(toy / "qwen2-vl"), dtype=torch.bfloat16),
-                           LoraConfig(r=4, target_modules=common.LM_ONLY_TARGETS)).eval()
     torch.manual_seed(0)
+    model = get_peft_model(common.load_model(str(toy / "qwen2-vl"), dtype=dtype),
+                           LoraConfig(r=4, target_modules=common.LM_ONLY_TARGETS)).eval()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)  # B starts at 0: make the adapter do something
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_merged_generation_restores_the_weights_exactly(toy, dtype):
+    """Afterwards every weight is bit for bit what it was (in bf16 an unmerge alone would not be). In float32
+    the merged model generates the unmerged model's tokens; in bf16 the merge rounds, so greedy near-ties may
+    go either way (as with any separate generation engine), and only the restore is checked."""
+    processor = common.load_processor(str(toy / "qwen2-vl"))
+    model = lora_policy(toy, dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     prompts = grpo.read_prompts(str(toy / "data" / "train.jsonl"), str(toy / "data"), "grounding")[:3]
     images = grpo.load_images(prompts, str(toy / "data"))
@@ -360,7 +365,8 @@ def test_lora_merged_generation_restores_the_weights_exactly(toy):
     with grpo.lora_merged(model, True):
         merged = grpo.rollout(model, processor, prompts, images, args, 1, False)
         assert all(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
-    assert [r["seqs"][0]["ids"] for r in merged] == [r["seqs"][0]["ids"] for r in plain]
+    if dtype == torch.float32:
+        assert [r["seqs"][0]["ids"] for r in merged] == [r["seqs"][0]["ids"] for r in plain]
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
