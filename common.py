@@ -1143,9 +1143,13 @@ def check_made_by(stamp_path, made_by):
             raise DataError(f"{stamp_path}: the outputs next to it were made with other {', '.join(changed)} "
                             f"({previous}); delete them or write elsewhere")
     else:
+        # Written to a temporary file and renamed into place: ranks check the same stamp at the same time, and
+        # one must never read another's half-written file.
         os.makedirs(os.path.dirname(os.path.abspath(stamp_path)), exist_ok=True)
-        with open(stamp_path, "w") as f:
+        tmp = f"{stamp_path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(made_by, f, indent=1)
+        os.replace(tmp, stamp_path)
 
 
 def prune_checkpoints(out_dir, keep):
