@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 import time
+import weakref
 
 import numpy as np
 from PIL import Image
@@ -623,10 +624,23 @@ def image_token_count(processor, w, h):
     return (rh // ip.patch_size) * (rw // ip.patch_size) // (ip.merge_size ** 2)
 
 
+_PROMPT_LENGTHS = weakref.WeakKeyDictionary()  # processor -> {messages as JSON: rendered prompt's token count}
+
+
+def prompt_length(processor, messages):
+    """Tokens of the rendered chat prompt, each image placeholder one token. Cached per processor: rendering
+    the template is most of estimate_tokens' time, and a dataset repeats its prompt wordings."""
+    cache = _PROMPT_LENGTHS.setdefault(processor, {})
+    key = json.dumps(messages, sort_keys=True)
+    if key not in cache:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        cache[key] = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return cache[key]
+
+
 def estimate_tokens(processor, ex, w, h):
     """Sequence length of an example without decoding pixels: template + image tokens + response + EOS."""
-    prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
-    n = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) - (1 if ex.crop else 0) - 1
+    n = prompt_length(processor, ex.messages) - (1 if ex.crop else 0) - 1
     n += image_token_count(processor, w, h)
     if ex.crop:
         n += image_token_count(processor, ex.crop[2] - ex.crop[0], ex.crop[3] - ex.crop[1])
