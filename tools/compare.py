@@ -1,27 +1,93 @@
-"""One table from several eval.py reports of the same protocol: a row per report (its label).
+"""One table from several eval.py reports of the same protocol: a row per report (its label); with --diff,
+paired differences between reports on the same questions, each with its standard error.
 
-    python tools/compare.py runs/toy/eval_base.json runs/toy/eval_sft.json
+    python tools/compare.py runs/toy/eval/sft.json runs/toy/eval/grpo.json
+    python tools/compare.py sft.json control.json grpo.json --diff "GRPO (focus)" SFT --diff "GRPO (focus)" control
+
+A paired difference is the mean over the questions both reports scored of (row - baseline), per question
+from each report's per-item file (OUT.items.jsonl, next to the report); its standard error is the sample
+standard deviation of those per-question differences over sqrt(n). Metrics: answer_score (the judge's
+score) and box_acc (IoU > 0.5 with the annotated box), where the protocol has them.
 """
+import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval import COLUMNS, fmt  # noqa: E402
 
+ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
+                "box_acc": lambda item: None if item.get("iou") is None else float(item["iou"] > 0.5)}
 
-def main():
-    reports = []
-    for path in sys.argv[1:]:
-        with open(path) as f:
-            reports.append(json.load(f))
-    if not reports or len({r["protocol"] for r in reports}) != 1:
+
+def read_report(path):
+    with open(path) as f:
+        report = json.load(f)
+    items_path = os.path.splitext(path)[0] + ".items.jsonl"
+    items = {}
+    if os.path.exists(items_path):
+        with open(items_path) as f:
+            for line in f:
+                item = json.loads(line)
+                items[(item.get("dataset"), item["id"])] = item
+    return report, items
+
+
+def paired_difference(items, base_items, metric):
+    """(mean difference, standard error, n) of a per-item metric over the items both reports have."""
+    get = ITEM_METRICS[metric]
+    diffs = [get(items[k]) - get(base_items[k]) for k in items.keys() & base_items.keys()
+             if get(items[k]) is not None and get(base_items[k]) is not None]
+    n = len(diffs)
+    if n < 2:
+        return None
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return mean, sd / math.sqrt(n), n
+
+
+def fmt_difference(result):
+    if result is None:
+        return ""
+    mean, se, _ = result
+    z = f" ({mean / se:+.1f} SE)" if se > 0 else ""
+    return f"{mean:+.3f} ± {se:.3f}{z}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", help="eval.py reports (JSON) of one protocol")
+    parser.add_argument("--diff", nargs=2, action="append", default=[], metavar=("ROW", "BASELINE"),
+                        help="a paired difference ROW - BASELINE, by report label (repeatable)")
+    args = parser.parse_args(argv)
+    loaded = [read_report(p) for p in args.reports]
+    reports = [r for r, _ in loaded]
+    if len({r["protocol"] for r in reports}) != 1:
         raise SystemExit("compare.py: give one or more eval.py reports of the same protocol")
     cols = COLUMNS[reports[0]["protocol"]]
     print("| model | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in reports:
         print(f"| {r['label']} | " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+    if not args.diff:
+        return
+    by_label = {r["label"]: items for r, items in loaded}
+    for row, base in args.diff:
+        for label in (row, base):
+            if label not in by_label:
+                raise SystemExit(f"compare.py: --diff names {label!r}; the reports' labels are {sorted(by_label)}")
+            if not by_label[label]:
+                raise SystemExit(f"compare.py: no per-item file next to the report labelled {label!r}")
+    metrics = [m for m in ITEM_METRICS if any(ITEM_METRICS[m](i) is not None for i in by_label[args.diff[0][0]].values())]
+    print()
+    print("| paired difference | n | " + " | ".join(f"Δ {m} ± SE" for m in metrics) + " |")
+    print("|---|---|" + "---|" * len(metrics))
+    for row, base in args.diff:
+        results = [paired_difference(by_label[row], by_label[base], m) for m in metrics]
+        n = next((r[2] for r in results if r), 0)
+        print(f"| {row} − {base} | {n} | " + " | ".join(fmt_difference(r) for r in results) + " |")
 
 
 if __name__ == "__main__":
