@@ -1,0 +1,38 @@
+"""tools/compare.py: the paired differences pipeline.sh prints, against numpy on the same per-item files."""
+import json
+
+import numpy as np
+import pytest
+
+from tools import compare
+
+
+def write_report(path, label, items):
+    with open(path, "w") as f:
+        json.dump({"protocol": "chain", "label": label, "n": len(items), "answer_score": 0.0}, f)
+    with open(str(path).replace(".json", ".items.jsonl"), "w") as f:
+        for item in items:
+            f.write(json.dumps(item) + "\n")
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_question_differences(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, 50).astype(float), rng.integers(0, 2, 53).astype(float)
+    iou_a, iou_b = rng.random(50), rng.random(53)
+    # The baseline has 3 more questions, and one question of another dataset shares an id: neither pairs.
+    write_report(tmp_path / "row.json", "row", [{"dataset": "toy", "id": str(i), "answer_score": a[i],
+                                                 "iou": iou_a[i]} for i in range(50)])
+    write_report(tmp_path / "base.json", "base",
+                 [{"dataset": "toy", "id": str(i), "answer_score": b[i], "iou": iou_b[i]} for i in range(53)]
+                 + [{"dataset": "other", "id": "0", "answer_score": 1.0, "iou": 1.0}])
+    row, base = compare.read_report(str(tmp_path / "row.json")), compare.read_report(str(tmp_path / "base.json"))
+    for metric, x, y in (("answer_score", a, b[:50]), ("box_acc", (iou_a > 0.5) * 1.0, (iou_b[:50] > 0.5) * 1.0)):
+        mean, se, n = compare.paired_difference(row[1], base[1], metric)
+        d = x - y
+        assert n == 50
+        assert mean == pytest.approx(d.mean(), abs=1e-12)
+        assert se == pytest.approx(d.std(ddof=1) / np.sqrt(50), abs=1e-12)
+    compare.main([str(tmp_path / "base.json"), str(tmp_path / "row.json"), "--diff", "row", "base"])
+    assert f"| row − base | 50 | {(a - b[:50]).mean():+.3f} ± " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--diff names 'nope'"):
+        compare.main([str(tmp_path / "base.json"), str(tmp_path / "row.json"), "--diff", "nope", "base"])
