@@ -29,11 +29,11 @@ def examples(toy, prompt_set="visrl"):
     r = records(toy)
     return [
         Example(r[0], root, common.answer_messages(r[0]["question"], prompt_set), r[0]["answer"],
-                crop=common.crop_box(r[0]["bbox"], 168, 112)),
+                crop=common.crop_box(r[0]["bbox"], 224, 168)),
         Example(r[1], root, common.focus_messages(r[1]["question"], prompt_set),
-                common.box_to_text(r[1]["bbox"], "viscot", 168, 112, 2)),
+                common.box_to_text(r[1]["bbox"], "viscot", 224, 168, 2)),
         Example(r[2], root, common.answer_messages(r[2]["question"], prompt_set), "a much longer answer than usual",
-                crop=common.crop_box([0, 0, 100, 90], 168, 112)),
+                crop=common.crop_box([0, 0, 100, 90], 224, 168)),
     ]
 
 
@@ -103,7 +103,7 @@ def test_token_logprobs_equals_full_logits_gather(loaded, toy):
 def test_estimated_length_matches_encoding(loaded, toy):
     _, processor = loaded["qwen2-vl"]
     for ex in examples(toy):
-        assert common.estimate_tokens(processor, ex, 168, 112) == len(common.encode(processor, ex)["input_ids"])
+        assert common.estimate_tokens(processor, ex, 224, 168) == len(common.encode(processor, ex)["input_ids"])
 
 
 def test_lora_targets_language_model_only(toy):

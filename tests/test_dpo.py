@@ -108,11 +108,11 @@ def toy_pairs(toy, tmp_path, n=4):
     for i, r in enumerate(recs):
         wrong = [0, 0, 40 + 10 * i, 30]
         pairs.append({"id": r["id"], "image": r["image"], "question": r["question"], "answer": r["answer"],
-                      "width": 168, "height": 112,
-                      "chosen_box_text": common.box_to_text(r["bbox"], "viscot", 168, 112, 2),
-                      "rejected_box_text": common.box_to_text(wrong, "viscot", 168, 112, 2),
+                      "width": 224, "height": 168,
+                      "chosen_box_text": common.box_to_text(r["bbox"], "viscot", 224, 168, 2),
+                      "rejected_box_text": common.box_to_text(wrong, "viscot", 224, 168, 2),
                       "chosen_answer": r["answer"], "rejected_answer": "a much longer wrong answer " * (i % 2 + 1),
-                      "chosen_crop": common.crop_box(r["bbox"], 168, 112)})
+                      "chosen_crop": common.crop_box(r["bbox"], 224, 168)})
     path = tmp_path / "pairs.jsonl"
     common.write_jsonl(str(path), pairs)
     return str(path)
@@ -183,7 +183,7 @@ def test_precomputed_reference_equals_a_reference_model(toy, tmp_path):
     live = run_stage(toy, path, tmp_path / "live", "--reference", "model")
     for a, b in zip(pre, live):
         for key in ("loss", "box/reward_chosen", "answer/reward_rejected", "box/margin"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # float32 noise of a log-ratio
     assert pre[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the first step
     cached = common.read_jsonl(str(tmp_path / "pre" / "reference_logps.jsonl"))
     assert len(cached) == 8 and len({r["key"] for r in cached}) == 8

@@ -224,8 +224,8 @@ def protocol_questions(protocol, toy, tmp_path):
     """Three toy records in each protocol's own ground-truth format; returns (path, prediction keys)."""
     recs = common.read_records(str(toy / "data" / "train.jsonl"))[:3]
     if protocol == "viscot-det":
-        rows = [{"img_path": r["image"], "expression": r["question"], "bbox": r["bbox"], "height": 112,
-                 "width": 168, "question_id": i} for i, r in enumerate(recs)]
+        rows = [{"img_path": r["image"], "expression": r["question"], "bbox": r["bbox"], "height": 168,
+                 "width": 224, "question_id": i} for i, r in enumerate(recs)]
         keys = {"question_id", "text", "bbox", "height", "width"}
     elif protocol == "viscot-answer":
         prompt = (" Please provide the bounding box coordinate of the region that can help you answer the question"
@@ -233,13 +233,13 @@ def protocol_questions(protocol, toy, tmp_path):
         rows = [{"dataset": "toy", "split": "val", "question_id": i,
                  "image": [r["image"], f"{r['image']}###{r['bbox']}"],
                  "conversations": [{"from": "human", "value": "<image>\n" + r["question"] + prompt},
-                                   {"from": "gpt", "value": common.box_to_text(r["bbox"], "viscot", 168, 112)},
+                                   {"from": "gpt", "value": common.box_to_text(r["bbox"], "viscot", 224, 168)},
                                    {"from": "human", "value": "<image>"}, {"from": "gpt", "value": r["answer"]}]}
                 for i, r in enumerate(recs)]
         keys = {"question_id", "text", "box_text"}
     elif protocol == "virft-det":
         xywh = [[r["bbox"][0], r["bbox"][1], r["bbox"][2] - r["bbox"][0], r["bbox"][3] - r["bbox"][1]] for r in recs]
-        rows = {"images": [{"id": i + 1, "file_name": r["image"], "width": 168, "height": 112}
+        rows = {"images": [{"id": i + 1, "file_name": r["image"], "width": 224, "height": 168}
                            for i, r in enumerate(recs)],
                 "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0, "bbox": b,
                                  "area": b[2] * b[3]} for i, b in enumerate(xywh)],

@@ -83,7 +83,9 @@ def test_lora_under_zero3_matches_single_process(toy, tmp_path):
     a = load_file(str(tmp_path / "single" / "final" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "zero3" / "final" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and all("lora_" in k for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    # Adam moves a weight whose gradient is float noise by up to lr per step, whatever the noise's size:
+    # agreement is to a fraction of one step (measured 1.8e-4 at lr 1e-3 after 3 steps).
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -110,9 +112,9 @@ def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune):
 
 
 def test_over_long_examples_are_skipped_and_counted(toy, tmp_path):
-    p = run_script(PY, *sft_args(toy, tmp_path, "--max_steps", "1", "--batch_size", "2", "--cutoff_len", "113"))
-    # Step-1 examples (a 2-decimal box, 25 tokens of response) are 114 tokens long: all skipped, counted;
-    # step-2 ones are about 110 (their crop's size varies), so training goes on with what fits.
+    p = run_script(PY, *sft_args(toy, tmp_path, "--max_steps", "1", "--batch_size", "2", "--cutoff_len", "84"))
+    # Step-1 examples (12 image tokens, a 2-decimal box: 25 tokens of response) are 85 tokens long: all
+    # skipped, counted; step-2 ones are 75 (a crop is one image token), so training goes on with what fits.
     m = re.search(r"sft: (\d+) examples \(\{'no_bbox': 0, 'too_long': (\d+)\}\)", p.stdout)
     kept, skipped = int(m.group(1)), int(m.group(2))
     assert kept + skipped == 128 and 64 <= skipped < 128

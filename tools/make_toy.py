@@ -5,14 +5,28 @@
 writes
     toy/qwen2-vl/, toy/qwen2.5-vl/   model directories (config, safetensors, tokenizer, image processor,
                                      chat template), loadable with from_pretrained like a real checkpoint
-    toy/data/train.jsonl, test.jsonl  records (id, image, question, answer, bbox, width, height, dataset)
+    toy/data/train.jsonl             box-annotated records (id, image, question, answer, bbox, width, height,
+                                     objects): SFT's data
+    toy/data/questions.jsonl         question-answer records without a box: the RL stages' data
+    toy/data/test.jsonl              held-out records with the target's box (evaluation)
+    toy/data/target_boxes.json       every record's target box, for diagnostics only (no stage reads it)
     toy/data/images/*.png
 
-The task (../shared/SPEC.md section 8): non-square 168x112 images, 1-3 objects of distinct colours and
-random shapes, each centred in its own cell of a coarse 3x3 grid; "What shape is the red object?" needs
-one of them; objects are small (24 px in a 56x37 cell) so the crop of the box shows them larger. Sizes and
-RoPE settings are the ones measured to learn on 2 CPU cores in minutes: rope_theta 10 and
-mrope_section [2, 7, 7] give image columns enough angular resolution for a 4-layer model.
+The scene (README "The toy world"): a 224x168 image on a 4x3 grid of 56-pixel cells; the target, a 16-pixel
+shape in one of four colours, and 0-2 dark grey distractor shapes, each centred in its cell on a pale tile
+whose tint says which cell it is (the tiny model reads position off the tint). "What shape is the red
+object?" The processor shows the model the full image at half resolution (max_pixels = 112 x 84: 12 vision
+tokens, a shape 8 pixels wide) and a crop at least 28 pixels wide upscaled to 56 (the shape 32 pixels wide):
+the detail is in the crop, so the answer depends on where the model looks.
+
+The regime (the papers' premises): box annotations are few and do not say where the answer is (in a scene
+with distractors, a training record's box is any of its objects, as from an annotator who boxed something in
+the picture without reading the question: --train_boxes any), while questions with answers and no box are
+plentiful. SFT learns to find objects and read crops; only the answers tell which object matters.
+
+The model: 1.9 M parameters, weights drawn with std 0.08 (HF's default 0.02 leaves a from-scratch model on
+a long loss plateau here), rope_theta 10 and mrope_section [2, 7, 7] (more angular resolution for image rows
+and columns), and a 1000-token byte-level BPE trained on the prompts, with digits one per token as Qwen2's.
 """
 import argparse
 import json
@@ -22,10 +36,13 @@ import random
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
-SHAPES = ("circle", "square", "triangle")
-WIDTH, HEIGHT = 168, 112
-GRID_COLS, GRID_ROWS = 3, 3
-OBJECT = 24  # pixels: under one cell, a few merged vision tokens; the crop shows it upscaled
+SHAPES = ("circle", "square", "triangle")  # five made SFT's crop reading slower and the table no clearer
+WIDTH, HEIGHT = 224, 168
+GRID_COLS, GRID_ROWS = 4, 3  # 56-pixel cells: one merged vision token each in the half-resolution view
+OBJECT = 16  # pixels: 8 in the full view, 32 in the upscaled crop of its box
+DISTRACTOR = (60, 60, 60)  # distractors are dark grey: only the target has a colour
+BACKGROUND = (128, 128, 128)
+INIT_STD = 0.08
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
                   "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -50,7 +67,7 @@ CHAT_TEMPLATE = (
 IMAGE_PROCESSOR = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
                    "image_mean": [0.48145466, 0.4578275, 0.40821073],
                    "image_std": [0.26862954, 0.26130258, 0.27577711],
-                   "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": 14,
+                   "min_pixels": 56 * 56, "max_pixels": 112 * 84, "patch_size": 14,
                    "temporal_patch_size": 2, "merge_size": 2, "image_processor_type": "Qwen2VLImageProcessor"}
 
 
@@ -60,48 +77,61 @@ def draw_shape(draw, shape, box, colour):
         draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
     elif shape == "square":
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
-    else:
+    else:  # triangle
         draw.polygon([((x1 + x2) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
 
 
 def cell_tint(col, row):
-    """A pale background tint per grid cell. The tiny model's vision tokens then carry where they are in
-    their content: without it, reading position off M-RoPE alone did not learn in 1500 steps (README)."""
-    return (235 - 30 * col, 235 - 30 * row, 205 + 15 * (col + row) // 2)
+    """The tint of a cell's tile: red channel by column, green by row, so a vision token's content says where
+    it is (M-RoPE positions alone were not read out by the tiny model in 1500 steps: README)."""
+    return (240 - 30 * col, 240 - 40 * row, 200)
 
 
-def make_example(rng, index, split, image_dir, max_objects):
-    """One image with 1..max_objects objects of distinct colours in distinct cells; one question."""
+def make_scene(rng, image_path, max_objects):
+    """Draw the target (a random colour) and 0..max_objects-1 grey distractors, each in its own cell on its
+    cell's tile; returns [(colour, shape, box)], the target first."""
     n = rng.randint(1, max_objects)
     cells = rng.sample(range(GRID_COLS * GRID_ROWS), n)
-    colours = rng.sample(list(COLOURS), n)
-    image = Image.new("RGB", (WIDTH, HEIGHT))
+    colours = [rng.choice(list(COLOURS))] + ["grey"] * (n - 1)
+    image = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    cell_w, cell_h = WIDTH / GRID_COLS, HEIGHT / GRID_ROWS
-    for cell in range(GRID_COLS * GRID_ROWS):
-        col, row = cell % GRID_COLS, cell // GRID_COLS
-        draw.rectangle([round(col * cell_w), round(row * cell_h), round((col + 1) * cell_w) - 1,
-                        round((row + 1) * cell_h) - 1], fill=cell_tint(col, row))
+    cell_w, cell_h = WIDTH // GRID_COLS, HEIGHT // GRID_ROWS
     objects = []
     for cell, colour in zip(cells, colours):
-        # Coarse placement: centred in its cell, one size, so the box text is one of 9 (SPEC 8: free
+        col, row = cell % GRID_COLS, cell // GRID_COLS
+        draw.rectangle([col * cell_w, row * cell_h, (col + 1) * cell_w - 1, (row + 1) * cell_h - 1],
+                       fill=cell_tint(col, row))
+        # Coarse placement: centred in its cell, one size, so the box text is one of 12 (SPEC 8: free
         # placement does not learn at this model size on a CPU budget).
-        cx = (cell % GRID_COLS + 0.5) * cell_w
-        cy = (cell // GRID_COLS + 0.5) * cell_h
-        box = [int(cx - OBJECT / 2), int(cy - OBJECT / 2), int(cx - OBJECT / 2) + OBJECT, int(cy - OBJECT / 2) + OBJECT]
+        x, y = col * cell_w + (cell_w - OBJECT) // 2, row * cell_h + (cell_h - OBJECT) // 2
+        box = [x, y, x + OBJECT, y + OBJECT]
         shape = rng.choice(SHAPES)
-        draw_shape(draw, shape, box, COLOURS[colour])
+        draw_shape(draw, shape, box, COLOURS.get(colour, DISTRACTOR))
         objects.append((colour, shape, box))
-    colour, shape, box = objects[rng.randrange(n)]
+    image.save(image_path)
+    return objects
+
+
+def make_record(rng, index, split, image_dir, max_objects, boxes):
+    """One image and the question about its target. boxes: "target" (its box), "any" (the box of an object
+    drawn uniformly from the scene: an annotator who boxed something in the picture without reading the
+    question) or None (no box)."""
     name = f"{split}_{index:05d}.png"
-    image.save(os.path.join(image_dir, name))
-    return {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
-            "answer": shape, "bbox": box, "width": WIDTH, "height": HEIGHT, "dataset": "toy"}
+    objects = make_scene(rng, os.path.join(image_dir, name), max_objects)
+    colour, shape, box = objects[0]
+    rec = {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
+           "answer": shape, "width": WIDTH, "height": HEIGHT, "dataset": "toy", "objects": len(objects)}
+    if boxes == "target":
+        rec["bbox"] = box
+    elif boxes == "any":
+        rec["bbox"] = objects[rng.randrange(len(objects))][2]
+    return rec, box
 
 
 def tokenizer_corpus():
     """Text the toy tokenizer is trained on: every word and digit pattern the stages can emit."""
-    words = list(COLOURS) + list(SHAPES) + ["What shape is the object?", "Please provide the bounding box "
+    words = list(COLOURS) + list(SHAPES) + [f"What shape is the {c} object?" for c in COLOURS] + [
+             "Please provide the bounding box "
              "coordinate of the region that can help you answer the question better.", "Please first provide "
              "the bounding box coordinate of the region, then refer to the corresponding sub-image to answer "
              "the question better.", "Please answer the question based on the original image and local detail "
@@ -120,7 +150,7 @@ def build_tokenizer(out_dir):
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(tokenizer_corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -139,17 +169,18 @@ def build_model(family, out_dir, tokenizer, seed):
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"])
+                pad_token_id=ids["<|endoftext|>"], initializer_range=INIT_STD)
     if family == "qwen2_vl":
         # The ViT width is embed_dim; hidden_size is the merger's output and must equal the LM's.
-        vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4)
+        vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4, initializer_range=INIT_STD)
     else:
         vision = dict(depth=2, hidden_size=128, out_hidden_size=128, intermediate_size=256, num_heads=4,
-                      window_size=56, fullatt_block_indexes=[1])
+                      window_size=56, fullatt_block_indexes=[1], initializer_range=INIT_STD)
     config = AutoConfig.for_model(family, text_config=text, vision_config=vision,
                                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                   vision_start_token_id=ids["<|vision_start|>"],
-                                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+                                  vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+                                  initializer_range=INIT_STD)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -167,10 +198,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory to write the toy world into")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, images and questions")
-    parser.add_argument("--n_train", type=int, default=4000, help="training records")
-    parser.add_argument("--n_test", type=int, default=200, help="test records")
+    parser.add_argument("--n_train", type=int, default=1000, help="box-annotated training records (SFT)")
+    parser.add_argument("--n_questions", type=int, default=2000, help="training questions without boxes (RL)")
+    parser.add_argument("--n_test", type=int, default=1000, help="held-out records with the target's box")
     parser.add_argument("--max_objects", type=int, default=3,
-                        help="objects per image, drawn uniformly from 1..N (1 makes the task easy: solved by SFT)")
+                        help="objects per image, drawn uniformly from 1..N: the target and N-1 grey distractors")
+    parser.add_argument("--train_boxes", default="any", choices=["any", "target"],
+                        help="the training box: any object of the scene (default: boxes that do not say where "
+                             "the answer is) or the target's")
     parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
     args = parser.parse_args()
 
@@ -178,11 +213,19 @@ def main():
     image_dir = os.path.join(data_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     rng = random.Random(args.seed)
-    for split, n in (("train", args.n_train), ("test", args.n_test)):
+    targets = {}
+    for split, n, boxes in (("train", args.n_train, args.train_boxes), ("questions", args.n_questions, None),
+                            ("test", args.n_test, "target")):
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
             for i in range(n):
-                f.write(json.dumps(make_example(rng, i, split, image_dir, args.max_objects)) + "\n")
-    print(f"data: {args.n_train} train / {args.n_test} test records -> {data_dir}")
+                rec, targets[f"{split}-{i}"] = make_record(rng, i, split, image_dir, args.max_objects, boxes)
+                f.write(json.dumps(rec) + "\n")
+    # The targets' boxes of every record, for diagnostics (how often a stage's boxes land on the target);
+    # no stage reads this file.
+    with open(os.path.join(data_dir, "target_boxes.json"), "w") as f:
+        json.dump(targets, f)
+    print(f"data: {args.n_train} annotated ({args.train_boxes} object's box) / {args.n_questions} box-free / "
+          f"{args.n_test} test records -> {data_dir}")
     if args.skip_models:
         return
     tok_dir = os.path.join(args.out, "qwen2-vl")
