@@ -1,6 +1,9 @@
-"""Learning: SFT on the toy world with the flags and step count of pipeline.sh makes the two-step chain
-work on held-out images, by a margin an untrained model or a broken loop cannot reach. The loss sits on a
-plateau (a fixed guess, ~0.11) for ~700 steps and then breaks through; fewer steps prove nothing."""
+"""Learning, in pipeline.sh's regime: SFT on annotated records whose boxes do not say where the answer is (in
+a scene with distractors the box is any of its objects), then RL on questions without boxes. One shared SFT
+fixture, the pipeline's SFT run; every RL claim is checked against a broken counterpart (the preference or
+the advantage with its sign flipped) that must miss the same bar. The bars are sized by the spread of the
+measured values across perturbed runs (LEARNING_SEED=1: another world and training seed; OMP_NUM_THREADS=1:
+another floating-point reduction order): README, "Learning tests"."""
 import json
 import os
 import sys
@@ -9,145 +12,164 @@ import pytest
 from conftest import ROOT, run_script
 
 import common
+import eval as evaluate
 import gen_pairs
 import grpo
 import rl_stage1
+from tools import compare
+
+SFT_FLAGS = ["--finetune", "full", "--lr", "2e-3", "--min_lr_ratio", "0.1", "--warmup_ratio", "0.07",
+             "--max_steps", "1000", "--batch_size", "8", "--box_decimals", "2"]
+HELD_OUT = 500  # test questions the chain is scored on: one standard error of a paired gain is ~0.017
+SEED = os.environ.get("LEARNING_SEED", "0")  # the world's and every run's seed
 
 
-def chain_eval(model, world, out):
-    """What pipeline.sh runs after each stage: eval.py's chain protocol (infer, then score)."""
-    run_script(sys.executable, os.path.join(ROOT, "eval.py"), "--protocol", "chain", "--questions",
-               str(world / "data" / "test.jsonl"), "--model", model, "--out", str(out), "--batch_size", "32",
-               "--max_new_tokens", "32")  # a 2-decimal box is ~25 tokens; the untrained model fills the limit
-    with open(out) as f:
-        return json.load(f)
+def chain_eval(model, world, out, n=None):
+    """What pipeline.sh runs after each stage: eval.py's chain protocol (infer, then score), on the first n
+    test questions. Returns (report, per-question items)."""
+    questions = world / "data" / "test.jsonl"
+    if n:
+        common.write_jsonl(str(out) + ".questions.jsonl", common.read_jsonl(str(questions))[:n])
+        questions = str(out) + ".questions.jsonl"
+    evaluate.main(["--protocol", "chain", "--questions", str(questions), "--image_root", str(world / "data"),
+                   "--model", str(model), "--out", str(out), "--batch_size", "64", "--max_new_tokens", "32"])
+    return compare.read_report(str(out))
 
 
-SFT_FLAGS = ["--finetune", "full", "--train_vision", "--lr", "2e-3", "--min_lr_ratio", "0.1", "--warmup_ratio",
-             "0.07", "--batch_size", "16", "--box_decimals", "2"]
+def answer_gain(after, before):
+    """Paired mean gain in answer score (same questions) and its standard error."""
+    mean, se, _ = compare.paired_difference(after[1], before[1], "answer_score")
+    return mean, se
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    run_script(sys.executable, os.path.join(ROOT, "tools", "make_toy.py"), "--out", str(out), "--seed", "0")
+    run_script(sys.executable, os.path.join(ROOT, "tools", "make_toy.py"), "--out", str(out), "--seed", SEED)
     return out
 
 
 @pytest.fixture(scope="module")
 def sft(world, tmp_path_factory):
-    """The pipeline's SFT run (1500 steps): the starting point of the later stages' tests. Its step-600
-    checkpoint (just breaking through the plateau: right and wrong boxes for the same kind of question) is
-    where GRPO has a group spread to learn from."""
+    """The pipeline's SFT run, and its chain on the held-out questions (the RL tests' starting point)."""
     out = tmp_path_factory.mktemp("sft")
     run_script(sys.executable, os.path.join(ROOT, "sft.py"), "--model", str(world / "qwen2-vl"),
-               "--data", str(world / "data" / "train.jsonl"), "--output_dir", str(out), "--epochs", "3",
-               "--save_steps", "600", "--save_total_limit", "3", *SFT_FLAGS)
-    return out
+               "--data", str(world / "data" / "train.jsonl"), "--output_dir", str(out), *SFT_FLAGS, "--seed", SEED)
+    return out, chain_eval(out / "final", world, out / "eval.json", HELD_OUT)
 
 
-def test_sft_learns_boxes_and_answers(world, sft, tmp_path):
-    before = chain_eval(str(world / "qwen2-vl"), world, tmp_path / "untrained.json")
-    after = chain_eval(str(sft / "final"), world, tmp_path / "sft.json")
+def test_sft_learns_to_find_objects_and_read_crops(world, sft, tmp_path):
+    out, (after, items) = sft
+    before, _ = chain_eval(world / "qwen2-vl", world, tmp_path / "untrained.json", 200)
     print(f"untrained {before['mean']}\nSFT {after['mean']}")
-    assert before["parseable"] <= 0.1
-    assert after["parseable"] >= 0.9
-    # Chance: one of 9 cells (0.11) and one of 3 shapes (0.33); the plateau's fixed guess scores about that.
-    # Measured (seed 0, the run of pipeline.sh): box 0.535, answer 0.67.
-    assert after["box_acc"] >= 0.4 and after["box_acc"] >= before["box_acc"] + 0.35
-    assert after["answer_score"] >= 0.55 and after["answer_score"] >= before["answer_score"] + 0.2
-    with open(sft / "metrics.jsonl") as f:
+    assert before["parseable"] <= 0.1 and after["parseable"] >= 0.95
+    # Alone in the picture, the target is found and its shape read off the crop (measured 0.98-1.0: the
+    # training boxes of one-object scenes are the target's); chance is 1/12 for the box, 1/3 for the answer.
+    objects = {r["id"]: r["objects"] for r in common.read_jsonl(str(world / "data" / "test.jsonl"))}
+    alone = [it for it in items.values() if objects[it["id"]] == 1]
+    box_alone = sum(it["iou"] > 0.5 for it in alone) / len(alone)
+    answer_alone = sum(it["answer_score"] for it in alone) / len(alone)
+    print(f"one-object questions: {len(alone)}, box acc {box_alone:.3f}, answer {answer_alone:.3f}")
+    assert box_alone >= 0.9 and answer_alone >= 0.9
+    with open(out / "metrics.jsonl") as f:
         loss = [json.loads(line)["loss"] for line in f]
-    assert loss[0] > 4 and sum(loss[-20:]) / 20 < 0.08
+    assert loss[0] > 4 and sum(loss[-50:]) / 50 < 0.3
 
 
 @pytest.fixture(scope="module")
 def pairs(world, sft, tmp_path_factory):
-    """gen_pairs (rule judge, the annotated boxes hidden) -> filter_pairs on 256 training questions."""
+    """gen_pairs (rule judge: exact match; crops judged by the answer from the crop alone) -> filter_pairs on
+    256 box-free questions, as pipeline.sh."""
     out = tmp_path_factory.mktemp("pairs")
-    records = common.read_records(str(world / "data" / "train.jsonl"))[:256]
-    common.write_jsonl(str(out / "q.jsonl"), records)
-    run_script(sys.executable, os.path.join(ROOT, "gen_pairs.py"), "--model", str(sft / "final"), "--data",
-               str(out / "q.jsonl"), "--image_root", str(world / "data"), "--out", str(out / "cands.jsonl"),
-               "--ignore_bbox", "--box_decimals", "2", "--max_new_tokens", "24", "--batch_size", "16",
-               "--box_temperature", "1", "--answer_temperature", "1")
+    common.write_jsonl(str(out / "q.jsonl"), common.read_jsonl(str(world / "data" / "questions.jsonl"))[:256])
+    gen_pairs.main(["--model", str(sft[0] / "final"), "--data", str(out / "q.jsonl"), "--image_root",
+                    str(world / "data"), "--out", str(out / "cands.jsonl"), "--rule_metric", "exact",
+                    "--box_decimals", "2", "--max_new_tokens", "32", "--batch_size", "32", "--box_temperature", "1",
+                    "--answer_temperature", "1"])
     table = run_script(sys.executable, os.path.join(ROOT, "filter_pairs.py"), "--candidates",
                        str(out / "cands.jsonl"), "--out", str(out / "pairs.jsonl")).stdout
     print(table)
-    return out, {r["id"]: r["bbox"] for r in records}
+    return out
 
 
-def test_self_evolution_pairs_prefer_boxes_on_the_object(pairs):
-    """The chosen boxes must cover the asked-about object far more often than the rejected ones. Nothing in
-    gen_pairs or the filter saw the boxes (s_B comes from answering on the crop alone), so this is what the
-    reward signal carries, not a restatement of the filter. Temperature 1, not VisRL's 2: at 2 the tiny
-    model's boxes are 99 % unparsable."""
-    out, truth = pairs
-    cands = [c for q in common.read_jsonl(str(out / "cands.jsonl")) for c in q["candidates"]]
-    assert sum(c["source"] == "random" for c in cands) > 0  # the diversity controller was exercised
-    rows = common.read_jsonl(str(out / "pairs.jsonl"))
-    assert len(rows) >= 120  # measured with pipeline.sh's 1000 questions: 73 % give a pair
+def test_self_evolution_pairs_prefer_the_target(world, pairs):
+    """The chosen boxes must be on the target far more often than the rejected ones. Nothing upstream saw the
+    target's box (the questions have none, SFT's boxes are any object's): this is what the answer reward
+    carries."""
+    with open(world / "data" / "target_boxes.json") as f:
+        truth = json.load(f)
+    rows = common.read_jsonl(str(pairs / "pairs.jsonl"))
+    assert len(rows) >= 100  # measured 167-184 of 256
 
-    def covers(box, target):
+    def on_target(box, target):
         return box is not None and gen_pairs.coverage(box, target) >= 0.5
 
-    chosen = sum(covers(p["chosen_box"], truth[p["id"]]) for p in rows) / len(rows)
-    rejected = sum(covers(p["rejected_box"], truth[p["id"]]) for p in rows) / len(rows)
-    print(f"{len(rows)} pairs; chosen box covers the object {chosen:.2f}, rejected {rejected:.2f}")
-    # Measured (seed 0): chosen 0.78, rejected 0.01.
-    assert chosen >= 0.6 and chosen >= rejected + 0.4
+    chosen = sum(on_target(p["chosen_box"], truth[p["id"]]) for p in rows) / len(rows)
+    rejected = sum(on_target(p["rejected_box"], truth[p["id"]]) for p in rows) / len(rows)
+    print(f"{len(rows)} pairs; chosen box on the target {chosen:.2f}, rejected {rejected:.2f}")
+    # Measured 0.77-0.84 and 0.00 over the perturbed runs (README); all candidates' boxes are on the target
+    # about a third of the time, so 0.6 is far above what a reward blind to the target would give.
+    assert chosen >= 0.6 and rejected <= 0.1
 
 
-def dpo_run(world, sft, pairs_dir, out):
-    rl_stage1.run(["--model", str(sft / "final"), "--data", str(pairs_dir / "pairs.jsonl"), "--image_root",
-                   str(world / "data"), "--output_dir", str(out), "--finetune", "lora", "--lr", "1e-3", "--epochs", "4",
-                   "--batch_size", "8", "--eval_fraction", "0.25", "--seed", "0"])
-    evals = [r for r in common.read_jsonl(str(out / "metrics.jsonl")) if "eval_box/accuracy" in r]
-    return evals[0], evals[-1]
+def dpo_run(world, sft, pairs, out):
+    """DPO stage 1 as pipeline.sh (30 steps, full fine-tuning, the chosen NLL on), a quarter of the pairs held
+    out; returns their preference accuracy and margin at the end (at the start policy = reference: 0 and 0)."""
+    rl_stage1.run(["--model", str(sft[0] / "final"), "--data", str(pairs / "pairs.jsonl"), "--image_root",
+                   str(world / "data"), "--output_dir", str(out), "--finetune", "full", "--lr", "2e-4",
+                   "--max_steps", "30", "--batch_size", "8", "--sft_weight", "1", "--eval_fraction", "0.25",
+                   "--seed", SEED])
+    end = [r for r in common.read_jsonl(str(out / "metrics.jsonl")) if "eval_box/accuracy" in r][-1]
+    return end["eval_box/accuracy"], end["eval_box/margin"]
 
 
-def test_dpo_learns_the_preference_and_a_flipped_sign_does_not(world, pairs, sft, tmp_path, monkeypatch):
-    """Stage 1 on the self-evolution pairs: held-out preference accuracy and margin rise from the start
-    (policy = reference: ties, accuracy 0, margin 0). The same run with the loss's sign flipped, a broken
-    loop a reader could write, must fail the same check."""
-    pairs_dir, _ = pairs
-    start, end = dpo_run(world, sft, pairs_dir, tmp_path / "dpo")
-    print(f"held-out: start {start}\nend {end}")
-    assert start["eval_box/accuracy"] == 0 and start["eval_box/margin"] == 0
+DPO_ACCURACY, DPO_MARGIN = 0.6, 0.3  # measured 0.70-0.72 / 1.01-1.15; flipped 0.31-0.37 / -0.89 to -1.36
 
-    def passes(end):
-        return end["eval_box/accuracy"] >= 0.58 and end["eval_box/margin"] >= 0.25
 
-    # Measured: accuracy 0.66, margin 0.50 (198 pairs, 41 held out: one pair moves the accuracy by 0.024);
-    # the flipped sign: 0.32, -0.85.
-    assert passes(end)
+def test_dpo_learns_held_out_preferences_and_a_flipped_preference_does_not(world, sft, pairs, tmp_path,
+                                                                           monkeypatch):
+    """Stage 1 on the self-evolution pairs: on pairs it never trained on, the policy prefers the chosen box
+    (the one the answer reward found, mostly the target's) over the rejected one; the same run with the
+    preference's sign flipped (a broken loop a reader could write) does not."""
+    accuracy, margin = dpo_run(world, sft, pairs, tmp_path / "dpo")
+    print(f"DPO stage 1: held-out preference accuracy {accuracy:.3f}, margin {margin:.3f}")
     original = rl_stage1.dpo_loss
 
     def flipped(*a, **kw):
-        losses, rc, rr = original(*a, **kw)
         pc, pr, ref_c, ref_r = a[:4]
+        _, rc, rr = original(*a, **kw)
         return original(pr, pc, ref_r, ref_c, *a[4:], **kw)[0], rc, rr
 
     monkeypatch.setattr(rl_stage1, "dpo_loss", flipped)
-    _, broken = dpo_run(world, sft, pairs_dir, tmp_path / "flipped")
-    print(f"flipped sign: end {broken}")
-    assert not passes(broken)
+    broken_accuracy, broken_margin = dpo_run(world, sft, pairs, tmp_path / "flipped")
+    print(f"flipped preference: held-out preference accuracy {broken_accuracy:.3f}, margin {broken_margin:.3f}")
+    assert accuracy >= DPO_ACCURACY and margin >= DPO_MARGIN
+    assert broken_accuracy < DPO_ACCURACY and broken_margin < DPO_MARGIN
 
 
-def grpo_run(world, sft, out, task, *extra, data=None, eval_data=None, steps=40):
-    """GRPO (8 prompts x 8 samples per step) from the SFT run's step-600 checkpoint, full fine-tuning; the
-    held-out reward (one greedy rollout per held-out prompt) at the start and the end."""
-    grpo.main(["--task", task, "--model", str(sft / "checkpoint-600"), "--data",
-               data or str(world / "data" / "train.jsonl"), "--image_root", str(world / "data"),
-               "--eval_data", eval_data or str(world / "data" / "test.jsonl"), "--output_dir", str(out),
-               "--finetune", "full", "--lr", "3e-4", "--max_steps", str(steps), "--batch_size", "8",
-               "--num_generations", "8", "--max_new_tokens", "32", "--seed", "0", "--sample_steps", "0", *extra])
-    evals = [r["eval_reward"] for r in common.read_jsonl(str(out / "metrics.jsonl")) if "eval_reward" in r]
-    return evals[0], evals[-1]
+def grpo_run(world, sft, out, steps):
+    """GRPO on the focus chain as pipeline.sh (box-free questions, 8 x 8 rollouts, lr 5e-4, KL weight 0.2),
+    then the chain."""
+    grpo.main(["--task", "focus", "--model", str(sft[0] / "final"), "--data", str(world / "data" / "questions.jsonl"),
+               "--image_root", str(world / "data"), "--output_dir", str(out), "--rule_metric", "exact",
+               "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
+               str(steps), "--batch_size", "8", "--num_generations", "8", "--max_new_tokens", "32", "--seed", SEED,
+               "--sample_steps", "0"])
+    return chain_eval(out / "final", world, out / "eval.json", HELD_OUT)
 
 
-def flip_advantages(monkeypatch):
-    """A broken loop a reader could write: the advantage's sign flipped (lower reward, higher weight)."""
+GRPO_TOLERANCE, GRPO_GAP = 0.03, 0.1  # measured gains +0.028 to +0.046; flipped 0.33-0.34 below them
+
+
+def test_grpo_moves_held_out_answers_with_the_reward_and_a_flipped_advantage_against_it(world, sft, tmp_path,
+                                                                                          monkeypatch):
+    """VisRL's chain rolled out whole (box -> crop -> answer), rewarded by the answer alone, 40 steps. In this
+    regime the held-out gain is a few points (pipeline.sh: +1 to +5 over 1000 questions, README), too close to
+    the noise of a CI-sized run for a bar; what a CI run can show is that the update follows the reward: the
+    held-out answers do not fall, and the same run with the advantage's sign flipped (lower reward, higher
+    weight) takes them far below. A no-op loop fails the second half, a sign error the first."""
+    gain, se = answer_gain(grpo_run(world, sft, tmp_path / "grpo", 40), sft[1])
+    print(f"GRPO (focus): held-out answer {gain:+.3f} ± {se:.3f}")
     original = grpo.group_advantages
 
     def flipped(*a, **kw):
@@ -155,30 +177,6 @@ def flip_advantages(monkeypatch):
         return -adv, flat
 
     monkeypatch.setattr(grpo, "group_advantages", flipped)
-
-
-def test_grpo_grounding_raises_held_out_reward_and_a_flipped_advantage_does_not(world, sft, tmp_path, monkeypatch):
-    """Reward: GIoU + 1 of the box, 30 steps. Measured (seed 0): 0.98 -> 1.17; 40 steps flipped: 0.98 -> 0.00
-    (the box format is unlearned)."""
-    start, end = grpo_run(world, sft, tmp_path / "grpo", "grounding", steps=30)
-    print(f"grounding: held-out reward {start:.3f} -> {end:.3f}")
-    assert end >= start + 0.08
-    flip_advantages(monkeypatch)
-    start_f, end_f = grpo_run(world, sft, tmp_path / "flipped", "grounding", steps=30)
-    print(f"grounding, flipped advantage: {start_f:.3f} -> {end_f:.3f}")
-    assert start_f == start and end_f < start + 0.08
-
-
-def test_grpo_focus_chain_raises_held_out_answer_reward(world, sft, tmp_path):
-    """VisRL's chain rolled out whole (box -> crop -> answer), rewarded by the answer alone (exact match),
-    both steps trained. The effect is smaller than grounding's, so it is measured on 500 held-out prompts
-    (the test split and 300 training questions kept out of training). Measured (seed 0): 0.544 -> 0.598
-    (40 steps: 0.580)."""
-    records = common.read_jsonl(str(world / "data" / "train.jsonl"))
-    common.write_jsonl(str(tmp_path / "train.jsonl"), records[:3500])
-    common.write_jsonl(str(tmp_path / "held_out.jsonl"),
-                       common.read_jsonl(str(world / "data" / "test.jsonl")) + records[3500:3800])
-    start, end = grpo_run(world, sft, tmp_path / "grpo", "focus", "--rule_metric", "exact", steps=50,
-                          data=str(tmp_path / "train.jsonl"), eval_data=str(tmp_path / "held_out.jsonl"))
-    print(f"focus: held-out answer reward {start:.3f} -> {end:.3f}")
-    assert end >= start + 0.03
+    broken, broken_se = answer_gain(grpo_run(world, sft, tmp_path / "flipped", 40), sft[1])
+    print(f"flipped advantage: held-out answer {broken:+.3f} ± {broken_se:.3f}")
+    assert gain >= -GRPO_TOLERANCE and gain - broken >= GRPO_GAP
