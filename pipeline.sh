@@ -17,14 +17,32 @@ RL_STEPS=60  # optimizer steps of GRPO, of DPO stages 1 + 2 together, and of the
 rm -rf "$OUT"  # the run owns OUT: start clean, never resume a previous run's outputs
 T0=$SECONDS
 
-stage() {  # stage NAME COMMAND...: a banner, the command (its progress bars and errors on the terminal), its time
+stage() {  # stage NAME COMMAND...: a banner, the command, its time. In a lane (LOG set) the command's output
+           # goes to the lane's log, and a failure shows the log's last lines.
     local name=$1 start=$SECONDS
     shift
     printf '\n=== %s (at %d:%02d) ===\n' "$name" $(((start - T0) / 60)) $(((start - T0) % 60))
-    "$@" || { local rc=$?; printf '\n!!! %s failed (exit %d) after %d s; the run stops here\n' "$name" $rc \
-        $((SECONDS - start)) >&2; exit $rc; }
+    if [ -n "${LOG:-}" ]; then "$@" >> "$LOG" 2>&1; else "$@"; fi || {
+        local rc=$?
+        printf '\n!!! %s failed (exit %d) after %d s; the run stops here\n' "$name" $rc $((SECONDS - start)) >&2
+        [ -z "${LOG:-}" ] || tail -n 30 "$LOG" >&2
+        exit $rc
+    }
     printf -- '--- %s: %d s\n' "$name" $((SECONDS - start))
 }
+
+lanes() {  # lanes FUNCTION...: independent runs of stages at the same time, one thread each (on 2 cores, two
+           # one-thread jobs finish sooner than one two-thread job after the other, with bit-identical results);
+           # banners here, each lane's output (progress bars, errors) in $OUT/logs/FUNCTION.log
+    local pids=() fn failed=0
+    for fn in "$@"; do
+        (export LOG=$OUT/logs/$fn.log OMP_NUM_THREADS=1; "$fn") &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    [ $failed = 0 ] || exit 1
+}
+mkdir -p "$OUT/logs"
 
 # 1. The toy world: models and data from one seed.
 stage "toy world" $PY tools/make_toy.py --out "$WORLD" --seed "$SEED"
@@ -35,49 +53,63 @@ stage "SFT" $PY sft.py --model "$WORLD/qwen2-vl" --data "$DATA/train.jsonl" --ou
     --finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 \
     --box_decimals 2 --seed "$SEED"
 
-# 3. The control: SFT continued on its own data for as many optimizer steps (and at the learning rate) the RL
-#    stages take. What the RL rows gain over it is not more training on SFT's data.
-stage "control: SFT continued" $PY sft.py --model "$OUT/sft/final" --data "$DATA/train.jsonl" \
-    --image_root "$DATA" --output_dir "$OUT/control" --finetune full --lr 5e-4 --warmup_ratio 0.15 \
-    --max_steps $RL_STEPS --batch_size 8 --box_decimals 2 --seed "$SEED"
+# 3-6 run in two lanes: VisRL's offline branch (control, pairs, DPO) next to GRPO, the longest stage.
+EVAL="$PY eval.py --protocol chain --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
+offline_rl() {
+    # 3. The control: SFT continued on its own data for as many optimizer steps (and at the learning rate) the
+    #    RL stages take. What the RL rows gain over it is not more training on SFT's data.
+    stage "control: SFT continued" $PY sft.py --model "$OUT/sft/final" --data "$DATA/train.jsonl" \
+        --image_root "$DATA" --output_dir "$OUT/control" --finetune full --lr 5e-4 --warmup_ratio 0.15 \
+        --max_steps $RL_STEPS --batch_size 8 --box_decimals 2 --seed "$SEED"
 
-# 4. Self-evolution pairs (VisRL) on 300 box-free questions: the SFT model samples boxes and answers (T = 1:
-#    at VisRL's 2 the tiny model's boxes do not parse), the rule judge scores answers by exact match and crops
-#    by what the model answers from the crop alone, and filter_pairs keeps one pair per question.
-head -n 300 "$DATA/questions.jsonl" > "$OUT/pair_questions.jsonl"
-stage "self-evolution candidates" $PY gen_pairs.py --model "$OUT/sft/final" --data "$OUT/pair_questions.jsonl" \
-    --image_root "$DATA" --out "$OUT/pairs/candidates.jsonl" --rule_metric exact --box_decimals 2 \
-    --max_new_tokens 32 --batch_size 32 --box_temperature 1 --answer_temperature 1 --seed "$SEED"
-stage "filter pairs" $PY filter_pairs.py --candidates "$OUT/pairs/candidates.jsonl" --out "$OUT/pairs/pairs.jsonl"
+    # 4. Self-evolution pairs (VisRL) on 300 box-free questions: the SFT model samples boxes and answers (T = 1:
+    #    at VisRL's 2 the tiny model's boxes do not parse), the rule judge scores answers by exact match and
+    #    crops by what the model answers from the crop alone, and filter_pairs keeps one pair per question.
+    head -n 300 "$DATA/questions.jsonl" > "$OUT/pair_questions.jsonl"
+    stage "self-evolution candidates" $PY gen_pairs.py --model "$OUT/sft/final" --data "$OUT/pair_questions.jsonl" \
+        --image_root "$DATA" --out "$OUT/pairs/candidates.jsonl" --rule_metric exact --box_decimals 2 \
+        --max_new_tokens 32 --batch_size 32 --box_temperature 1 --answer_temperature 1 --seed "$SEED"
+    stage "filter pairs" $PY filter_pairs.py --candidates "$OUT/pairs/candidates.jsonl" \
+        --out "$OUT/pairs/pairs.jsonl"
 
-# 5. VisRL's preference stages, full fine-tuning from the model each starts from (the reference, precomputed):
-#    stage 1, DPO on the focus box; stage 2, DPO on box and answer; half the RL steps each. The chosen
-#    responses' NLL (--sft_weight 1) keeps DPO from pushing the chosen boxes down with the rejected ones.
-DPO="--data $OUT/pairs/pairs.jsonl --image_root $DATA --finetune full --lr 2e-4 --max_steps $((RL_STEPS / 2))
-     --batch_size 8 --sft_weight 1 --seed $SEED"
-stage "DPO stage 1" $PY rl_stage1.py --model "$OUT/sft/final" $DPO --output_dir "$OUT/rl1"
-stage "DPO stage 2" $PY rl_stage2.py --model "$OUT/rl1/final" $DPO --output_dir "$OUT/rl2"
+    # 5. VisRL's preference stages, full fine-tuning from the model each starts from (the reference,
+    #    precomputed): stage 1, DPO on the focus box; stage 2, DPO on box and answer; half the RL steps each.
+    #    The chosen responses' NLL (--sft_weight 1) keeps DPO from pushing the chosen boxes down with the
+    #    rejected ones.
+    local dpo="--data $OUT/pairs/pairs.jsonl --image_root $DATA --finetune full --lr 2e-4
+               --max_steps $((RL_STEPS / 2)) --batch_size 8 --sft_weight 1 --seed $SEED"
+    stage "DPO stage 1" $PY rl_stage1.py --model "$OUT/sft/final" $dpo --output_dir "$OUT/rl1"
+    stage "DPO stage 2" $PY rl_stage2.py --model "$OUT/rl1/final" $dpo --output_dir "$OUT/rl2"
+    stage "eval: SFT" $EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json"
+}
 
-# 6. Online GRPO, VisRL's chain as one rollout (--task focus): the SFT model samples a box, answers on its
-#    crop, and the answer alone is the reward (exact match); both steps' tokens are trained. 8 box-free
-#    questions x 8 rollouts per step; KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
-stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
-    --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
-    --warmup_ratio 0.15 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 8 \
-    --max_new_tokens 32 --seed "$SEED"
+online_rl() {
+    # 6. Online GRPO, VisRL's chain as one rollout (--task focus): the SFT model samples a box, answers on its
+    #    crop, and the answer alone is the reward (exact match); both steps' tokens are trained. 8 box-free
+    #    questions x 8 rollouts per step; KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
+        --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
+        --warmup_ratio 0.15 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 8 \
+        --max_new_tokens 32 --seed "$SEED"
+}
+lanes offline_rl online_rl
 
 # 7. Every model on the 1000 held-out questions: the two-step chain, greedy (eval.py runs infer.py's code).
-EVAL="$PY eval.py --protocol chain --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
-stage "eval: SFT" $EVAL --model "$OUT/sft/final" --label SFT --out "$OUT/eval/sft.json"
-stage "eval: control" $EVAL --model "$OUT/control/final" --label control --out "$OUT/eval/control.json"
-stage "eval: DPO stage 1" $EVAL --model "$OUT/rl1/final" --label "DPO stage 1" --out "$OUT/eval/rl1.json"
-stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"
-stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"
+evals_a() {
+    stage "eval: control" $EVAL --model "$OUT/control/final" --label control --out "$OUT/eval/control.json"
+    stage "eval: DPO stage 1" $EVAL --model "$OUT/rl1/final" --label "DPO stage 1" --out "$OUT/eval/rl1.json"
+}
+evals_b() {
+    stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"
+    stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"
+}
+lanes evals_a evals_b
 
 # 8. One table, and each RL row's paired difference (same questions) from its start, SFT and the control.
 printf '\nThe two-step chain on %s held-out questions (box_acc: IoU > 0.5 with the annotated box; answer_score: exact match);\n' \
     "$(wc -l < "$DATA/test.jsonl")"
-printf 'paired differences: mean per-question difference ± its standard error. Whole run: %d s.\n\n' $((SECONDS - T0))
+printf 'paired differences: mean per-question difference ± its standard error. Whole run: %d s (logs: %s).\n\n' \
+    $((SECONDS - T0)) "$OUT/logs"
 E=$OUT/eval
 $PY tools/compare.py "$E/sft.json" "$E/control.json" "$E/rl1.json" "$E/rl2.json" "$E/grpo.json" \
     --diff control SFT --diff "DPO stage 1" SFT --diff "DPO stage 2" "DPO stage 1" --diff "DPO stage 2" SFT \
