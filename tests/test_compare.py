@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+import common
 from tools import compare
 
 
@@ -36,3 +37,14 @@ def test_paired_difference_is_the_mean_and_standard_error_of_per_question_differ
     assert f"| row − base | 50 | {(a - b[:50]).mean():+.3f} ± " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--diff names 'nope'"):
         compare.main([str(tmp_path / "base.json"), str(tmp_path / "row.json"), "--diff", "nope", "base"])
+
+
+def test_a_malformed_item_line_names_file_and_line(tmp_path):
+    write_report(tmp_path / "row.json", "row", [{"dataset": "toy", "id": "0", "answer_score": 1.0}])
+    with open(tmp_path / "row.items.jsonl", "a") as f:
+        f.write('{"dataset": "toy", "id": \n')
+    with pytest.raises(common.DataError, match=r"row\.items\.jsonl:2: not valid JSON"):
+        compare.read_report(str(tmp_path / "row.json"))
+    write_report(tmp_path / "row.json", "row", [{"dataset": "toy", "answer_score": 1.0}])
+    with pytest.raises(common.DataError, match=r"row\.items\.jsonl:1: a per-item row needs 'id'"):
+        compare.read_report(str(tmp_path / "row.json"))

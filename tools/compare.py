@@ -16,6 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 from eval import COLUMNS, fmt  # noqa: E402
 
 ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
@@ -23,15 +24,16 @@ ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
 
 
 def read_report(path):
+    """(report, {(dataset, id): per-item row}); no items when the report has no per-item file next to it."""
     with open(path) as f:
         report = json.load(f)
     items_path = os.path.splitext(path)[0] + ".items.jsonl"
     items = {}
     if os.path.exists(items_path):
-        with open(items_path) as f:
-            for line in f:
-                item = json.loads(line)
-                items[(item.get("dataset"), item["id"])] = item
+        for lineno, item in common.iter_jsonl(items_path):
+            if "id" not in item:
+                raise common.DataError(f"{items_path}:{lineno}: a per-item row needs 'id'")
+            items[(item.get("dataset"), item["id"])] = item
     return report, items
 
 
@@ -80,7 +82,8 @@ def main(argv=None):
                 raise SystemExit(f"compare.py: --diff names {label!r}; the reports' labels are {sorted(by_label)}")
             if not by_label[label]:
                 raise SystemExit(f"compare.py: no per-item file next to the report labelled {label!r}")
-    metrics = [m for m in ITEM_METRICS if any(ITEM_METRICS[m](i) is not None for i in by_label[args.diff[0][0]].values())]
+    first_row = by_label[args.diff[0][0]].values()
+    metrics = [m for m in ITEM_METRICS if any(ITEM_METRICS[m](i) is not None for i in first_row)]
     print()
     print("| paired difference | n | " + " | ".join(f"Δ {m} ± SE" for m in metrics) + " |")
     print("|---|---|" + "---|" * len(metrics))
@@ -91,4 +94,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as e:
+        raise SystemExit(f"compare.py: error: {e}") from None
