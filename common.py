@@ -394,14 +394,20 @@ def extract_answer(text):
 
 
 def normalize_class_label(text):
-    """Visual-RFT's classification normalisation: <answer> content, lower case, no spaces or underscores."""
+    """Our strict class reading: extract_answer's content, lower case, no spaces or underscores (compared
+    by exact match, non-empty; Visual-RFT's own verdict is virft_class_match)."""
     return extract_answer(text).lower().replace(" ", "").replace("_", "")
+
+
+def says_no_objects(text):
+    """The detection prompt's own reply for an absent category: 'No Objects' (quotes and a period allowed)."""
+    return extract_answer(text).strip(" .'\"").lower() == "no objects"
 
 
 def read_detections(text):
     """parse_detections, except that the detection prompt's own reply for an absent category ('No Objects')
     is no detections ([]), not an unparsable answer (None)."""
-    if extract_answer(text).strip(" .'\"").lower() == "no objects":
+    if says_no_objects(text):
         return []
     return parse_detections(text)
 
@@ -469,6 +475,104 @@ def parse_detections(text):
         return out
     except Exception:
         return None
+
+
+# -------------------------------------------------------------- Visual-RFT's published readings, quirks kept
+# The defaults of eval.py's virft-* protocols and grpo.py's det_* / cls_virft rewards, so that our numbers
+# compare with the paper's (classification/Qwen2_VL_classification_infere.py, coco_evaluation/
+# Qwen2_VL_coco_infere.py and src/virft/src/open_r1/grpo*.py in the Visual-RFT repository). The strict
+# readings above (parse_detections, normalize_class_label with exact match) are the named alternatives.
+
+VIRFT_ANSWER = re.compile(r"<answer>(.*?)</answer>")  # no DOTALL: an answer that spans lines does not match
+
+
+def virft_answer(text):
+    """The first single-line <answer>...</answer> content, or None when there is none."""
+    found = VIRFT_ANSWER.search(text) if isinstance(text, str) else None
+    return found.group(1) if found else None
+
+
+def virft_class_match(answer, label):
+    """Visual-RFT's class verdict: both lower-cased without spaces and underscores, then a substring either
+    way -- so an empty answer matches every label (a known quirk, kept)."""
+    answer, label = (s.replace(" ", "").replace("_", "").lower() for s in (answer, label))
+    return label in answer or answer in label
+
+
+def _virft_repair(s, drop_ellipsis):
+    s = s.replace("[[", "[").replace("]]", "]").replace("\n", "")
+    return s.replace(", ...", "") if drop_ellipsis else s
+
+
+def _virft_list(tagged):
+    """The published list reader on text holding <answer>: the content from the first <answer> to the first
+    </answer> anywhere (or the end); if it does not end with ']' it is cut after its last '},' and closed
+    with '}]' -- so '[{a}, {b}' keeps only {a}, '[{a}' gives nothing, and an unclosed '[{a' becomes [{a}];
+    single quotes become double; json.loads. None when there is no <answer> or the JSON does not decode."""
+    start = tagged.find("<answer>")
+    if start < 0:
+        return None
+    end = tagged.find("</answer>")
+    s = tagged[start + len("<answer>"):end if end >= 0 else len(tagged)]
+    if not s.endswith("]"):
+        s = s.rsplit("},", 1)[0] + "}]"
+    try:
+        return json.loads(s.replace("'", '"'))  # json, never eval: NaN/Infinity decode, as published
+    except (ValueError, RecursionError):
+        return None
+
+
+def virft_detection_json(text, reading):
+    """A detection answer decoded as Visual-RFT's published code does; the JSON value or None.
+    reading "eval" (its COCO script): '[['->'[', ']]'->']', newlines and ', ...' removed from the whole
+    response, then the first <answer> match re-extracted (else the whole response), stripped, then _virft_list.
+    reading "reward" (its GRPO rewards): the answer extracted from the raw text first (so one spanning lines
+    falls back to the whole text), stripped, then '[[', ']]' and newlines repaired (', ...' kept), then
+    _virft_list. reading "solution": a ground-truth answer, read by _virft_list as it stands (text without
+    <answer> tags is read as if wrapped in them; the published code would score every completion 0)."""
+    text = text if isinstance(text, str) else ""
+    if reading == "solution":
+        text = text.strip()
+        return _virft_list(text if "<answer>" in text else f"<answer>{text}</answer>")
+    if reading == "eval":
+        text = _virft_repair(text, drop_ellipsis=True)
+    found = virft_answer(text)
+    tagged = "<answer>" + (found if found is not None else text).strip() + "</answer>"
+    return _virft_list(_virft_repair(tagged, drop_ellipsis=False) if reading == "reward" else tagged)
+
+
+def virft_unique(items):
+    """Items whose Position was seen before dropped (the first kept); raises on an item without one."""
+    seen, unique = set(), []
+    for item in items:
+        key = tuple(item["Position"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    return unique
+
+
+def virft_coco_detections(text, width, height):
+    """Visual-RFT's COCO script on one response: ([(xywh box in pixels, confidence as decoded), ...], failed).
+    A first item that is a string ('No Objects') means no detections; duplicate Positions keep the first;
+    Positions scale from 0..1000 by the image's width and height with no reordering of corners (a box with
+    x2 < x1 gets a negative width); items are appended one by one, so an item that raises (a short
+    Position, no Confidence) keeps those before it. failed: the answer did not decode, or raised (the
+    published script's error count, plus undecodable answers that it silently skips)."""
+    items, dets = virft_detection_json(text, "eval"), []
+    if items is None:
+        return dets, True
+    try:
+        if isinstance(items[0], str):
+            return dets, False
+        for item in virft_unique(items):
+            x1, y1, x2, y2 = item["Position"]
+            x1, x2 = x1 / 1000.0 * width, x2 / 1000.0 * width
+            y1, y2 = y1 / 1000.0 * height, y2 / 1000.0 * height
+            dets.append(([x1, y1, x2 - x1, y2 - y1], item["Confidence"]))
+    except Exception:  # the published script's per-response except: what was appended stays
+        return dets, True
+    return dets, False
 
 
 # ------------------------------------------------------------------------------------ model and processor

@@ -23,8 +23,12 @@ viscot-answer Visual-CoT answer score: a judge scores each answer in [0, 1]; rul
               retries; a failed call scores 0 and is counted), model (a local checkpoint as the judge).
 virft-det     COCO mAP (AP@[.5:.95], AP50, AP75, by area; AR) of Visual-RFT answers ('Position' on 0..1000,
               'Confidence') against COCO-format ground truth; prediction lines: image_id, category_id, text.
-virft-cls     accuracy: the normalised answer (lower case, no spaces or underscores, from <answer>...</answer>
-              when present) equals the label, non-empty.
+              --parser virft (default): Visual-RFT's published script, quirks kept (common.virft_coco_detections);
+              --parser strict: a malformed item voids the answer, swapped corners are reordered.
+virft-cls     accuracy. --match virft (default), Visual-RFT's published rule: the first single-line
+              <answer>(.*?)</answer> (none: wrong), lower case, no spaces or underscores, label and answer a
+              substring of one another (an empty answer is right: counted as empty_answer_correct);
+              --match exact: equal and non-empty, from <answer>...</answer> when present, else the whole text.
 grounding     one box per record: acc (IoU > 0.5), mIoU, mean gIoU, cIoU (cumulative intersection / union).
 chain         our records through the two-step chain: the box metrics of grounding plus the answer score.
 """
@@ -46,6 +50,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "too
 import convert_viscot  # noqa: E402
 
 PROTOCOLS = ("viscot-det", "viscot-answer", "virft-det", "virft-cls", "grounding", "chain")
+PARSERS = {"viscot-det": ("viscot", "lenient"), "virft-det": ("virft", "strict")}  # the first is the default
+RULE_NAMES = {  # what the report's settings say was used
+    "viscot": "viscot (Visual-CoT's own)",
+    "lenient": "lenient (common.parse_box; not comparable with published numbers)",
+    "virft": "virft (Visual-RFT's published script, quirks kept)",
+    "strict": "strict (common.read_detections, corners reordered; not comparable with published numbers)",
+    "match virft": "virft (Visual-RFT's published rule: substring either way; an empty answer is right)",
+    "match exact": "exact (equal and non-empty; not comparable with published numbers)",
+}
 
 # Visual-CoT's judge prompt (llava/eval/eval_cot_score.py), verbatim.
 JUDGE_SYSTEM = ("\nYou are responsible for proofreading the answers, you need to give a score to the model's answer "
@@ -63,8 +76,11 @@ def parse_args(argv=None):
     parser.add_argument("--predictions", nargs="+", default=None, help="prediction file(s), same order")
     parser.add_argument("--out", required=True, help="JSON report (per-item scores go to OUT.items.jsonl)")
     parser.add_argument("--label", default=None, help="label for the table (default: the model or predictions)")
-    parser.add_argument("--parser", default="viscot", choices=["viscot", "lenient"],
-                        help="viscot-det: Visual-CoT's own parsing (default) or a lenient one")
+    parser.add_argument("--parser", default=None, choices=sorted(set(PARSERS["viscot-det"] + PARSERS["virft-det"])),
+                        help="viscot-det: viscot (Visual-CoT's own, default) or lenient; virft-det: virft "
+                             "(Visual-RFT's published script, default) or strict")
+    parser.add_argument("--match", default="virft", choices=["virft", "exact"],
+                        help="virft-cls: Visual-RFT's published substring rule (default) or exact, non-empty")
     parser.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS,
                         help="grounding/chain: box text format of the predictions")
     j = parser.add_argument_group("answer judge (viscot-answer, chain)")
@@ -88,6 +104,11 @@ def parse_args(argv=None):
     m.add_argument("--batch_size", type=int, default=16, help="records per generate call")
     m.add_argument("--max_new_tokens", type=int, default=64, help="tokens per step (virft: use 512+ for <think>)")
     args = parser.parse_args(argv)
+    allowed = PARSERS.get(args.protocol, ())
+    if args.parser is not None and args.parser not in allowed:
+        parser.error(f"--parser {args.parser} does not apply to --protocol {args.protocol}"
+                     + (f" (choose from {', '.join(allowed)})" if allowed else ""))
+    args.parser = args.parser or (allowed[0] if allowed else None)
     if bool(args.model) == bool(args.predictions):
         parser.error("give either --predictions or --model")
     if args.predictions and len(args.predictions) != len(args.questions):
@@ -335,28 +356,37 @@ STAT_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
 
 
 
-def virft_to_coco_dets(pred_rows, gt):
-    """Rows {image_id, category_id, text} -> (COCO dets list, number of unparsable rows).
-    An image_id missing from gt raises KeyError (a data bug, not a model error)."""
+def virft_to_coco_dets(pred_rows, gt, parser="virft"):
+    """Rows {image_id, category_id, text} -> (COCO dets, counts). parser "virft": Visual-RFT's published
+    script (common.virft_coco_detections: corners as given, a raising item keeps the items before it);
+    "strict": common.read_detections (a malformed item voids the answer) with corners reordered.
+    counts: unparsable (rows that gave nothing and do not say 'No Objects'), partial (rows cut short by a
+    raising item), unscored (detections dropped because their confidence is not a number: pycocotools would
+    crash on them). An image_id missing from gt raises KeyError (a data bug, not a model error)."""
     size = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
-    dets, n_bad = [], 0
+    dets, counts = [], {"unparsable": 0, "partial": 0, "unscored": 0}
     for row in pred_rows:
-        text = row.get("text")
-        parsed = common.read_detections(text)  # 'No Objects' is no detections, not an unparsable reply
-        if parsed is None:
-            n_bad += 1
-            continue
-        w, h = size[row["image_id"]]
-        for (x1, y1, x2, y2), conf in parsed:
-            x1, x2 = x1 * w / 1000, x2 * w / 1000
-            y1, y2 = y1 * h / 1000, y2 * h / 1000
-            # Order the corners: with negative w/h pycocotools' det area (w*h) is < 0, so
-            # the det falls outside every area range and is *ignored* instead of being
-            # counted as a false positive -- swapped corners would be free to emit.
-            x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
-            dets.append({"image_id": row["image_id"], "category_id": row["category_id"],
-                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": conf})
-    return dets, n_bad
+        text, (w, h) = row.get("text"), size[row["image_id"]]
+        if parser == "virft":
+            boxes, failed = common.virft_coco_detections(text, w, h)
+            counts["unparsable"] += failed and not boxes and not common.says_no_objects(text)
+            counts["partial"] += failed and bool(boxes)
+        else:
+            parsed = common.read_detections(text)  # 'No Objects' is no detections, not an unparsable reply
+            counts["unparsable"] += parsed is None
+            boxes = []
+            for (x1, y1, x2, y2), conf in parsed or []:
+                x1, x2, y1, y2 = x1 * w / 1000, x2 * w / 1000, y1 * h / 1000, y2 * h / 1000
+                # Corners ordered: with negative w/h pycocotools' det area (w*h) is < 0, so the det falls
+                # outside every area range and is *ignored*, not a false positive -- swapped corners are free.
+                boxes.append(([min(x1, x2), min(y1, y2), abs(x2 - x1), abs(y2 - y1)], conf))
+        for box, score in boxes:
+            if not isinstance(score, (int, float)):  # bool passes, as it would in pycocotools; NaN stays a float
+                counts["unscored"] += 1
+                continue
+            dets.append({"image_id": row["image_id"], "category_id": row["category_id"], "bbox": box,
+                         "score": float(score)})
+    return dets, counts
 
 
 def coco_iou(d, g, crowd):
@@ -506,27 +536,41 @@ def score_virft_det(gt, preds, args, paths):
     unknown = [p["image_id"] for p in preds if p["image_id"] not in known]
     if unknown:
         raise common.DataError(f"{paths[1]}: image_id {unknown[0]!r} is not in {paths[0]}")
-    dets, unparsable = virft_to_coco_dets(preds, gt)
-    metrics = {**coco_map(gt, dets), "predictions": len(preds), "detections": len(dets), "unparsable": unparsable}
+    dets, counts = virft_to_coco_dets(preds, gt, args.parser)
+    metrics = {**coco_map(gt, dets), "predictions": len(preds), "detections": len(dets), **counts}
+    per_row = defaultdict(int)
+    for d in dets:
+        per_row[d["image_id"], d["category_id"]] += 1
     rows = [{"image_id": p["image_id"], "category_id": p["category_id"],
-             "parsed": common.parse_detections(p.get("text")) is not None} for p in preds]
+             "detections": per_row[p["image_id"], p["category_id"]]} for p in preds]
     return metrics, rows, {}
 
 
 # ---------------------------------------------------------------------------------------- virft-cls
 
 def score_virft_cls(records, preds, args, paths):
+    """Accuracy by --match: virft (Visual-RFT's published rule; no single-line <answer> match is wrong and
+    counted as unparsable, and empty_answer_correct counts the verdicts its empty-answer quirk decided) or
+    exact (common.normalize_class_label equal and non-empty)."""
     by_id = by_key(preds, record_id, paths[1])
-    rows, correct = [], 0
+    rows, counts = [], {"correct": 0, "unparsable": 0, "empty_answer_correct": 0}
     for rec in records:
-        label = common.normalize_class_label(rec.get("solution") or rec.get("answer") or "")
-        pred = by_id.get(record_id(rec), {}).get("text")
-        ok = bool(label) and common.normalize_class_label(pred) == label  # an empty answer never matches
-        correct += ok
-        rows.append({"id": record_id(rec), "text": pred, "label": label, "correct": ok})
-    n = len(records)
-    return {"accuracy": correct / n if n else 0.0, "correct": correct, "total": n,
-            "missing": sum(record_id(r) not in by_id for r in records)}, rows, {}
+        label = common.extract_answer(rec.get("solution") or rec.get("answer") or "")
+        pred = by_id.get(record_id(rec))
+        text = pred.get("text") if pred else None
+        if args.match == "virft":
+            answer = common.virft_answer(text)
+            ok = answer is not None and common.virft_class_match(answer, label)
+            counts["unparsable"] += pred is not None and answer is None
+            counts["empty_answer_correct"] += ok and not answer.replace(" ", "").replace("_", "")
+        else:
+            want = common.normalize_class_label(label)
+            ok = bool(want) and common.normalize_class_label(text) == want  # an empty answer never matches
+        counts["correct"] += ok
+        rows.append({"id": record_id(rec), "text": text, "label": label, "correct": ok})
+    n, missing = len(records), sum(record_id(r) not in by_id for r in records)
+    metrics = {"accuracy": counts["correct"] / n if n else 0.0, **counts, "total": n, "missing": missing}
+    return metrics, rows, {"match": RULE_NAMES["match " + args.match]}
 
 
 # ---------------------------------------------------------------------------------- grounding, chain
@@ -646,12 +690,12 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
 # ------------------------------------------------------------------------------------------- report
 
 SUMMED = ("correct", "total", "unparsable", "missing", "n", "predictions", "detections", "judge_unparsable",
-          "judge_failed")
+          "judge_failed", "partial", "unscored", "empty_answer_correct")
 COLUMNS = {
     "viscot-det": ("accuracy", "correct", "total", "unparsable"),
     "viscot-answer": ("answer_score", "total", "judge_unparsable", "judge_failed"),
-    "virft-det": ("AP", "AP50", "AP75", "AR100", "unparsable"),
-    "virft-cls": ("accuracy", "correct", "total"),
+    "virft-det": ("AP", "AP50", "AP75", "AR100", "unparsable", "partial"),
+    "virft-cls": ("accuracy", "correct", "total", "unparsable", "empty_answer_correct"),
     "grounding": ("n", "parseable", "box_acc", "miou", "giou", "ciou"),
     "chain": ("n", "parseable", "box_acc", "miou", "answer_score"),
 }
@@ -703,10 +747,10 @@ def main(argv=None):
         items += [dict(row, dataset=name) for row in rows]
     mean = mean_over_datasets(per_dataset)
     label = args.label or args.model or ", ".join(args.predictions)
-    settings["parser"] = ("viscot (Visual-CoT's own)" if args.parser == "viscot" else
-                          "lenient (common.parse_box; not comparable with published numbers)")
+    if args.parser:
+        settings["parser"] = RULE_NAMES[args.parser]
     report = {"protocol": args.protocol, "label": label, **mean, "datasets": per_dataset, "mean": mean,
-              "settings": {k: v for k, v in settings.items() if args.protocol == "viscot-det" or k != "parser"}}
+              "settings": settings}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(report, f, indent=1)

@@ -15,8 +15,10 @@ every token of the optimizer step) or dr-grpo (sum / (rollouts * max completion 
 count the whole optimizer step, every micro-batch and rank.
 
 Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
-  detection       Visual-RFT detection: format, det_iou, det_confidence; `solution` holds the boxes
-  classification  Visual-RFT classification: format, cls; `solution` holds the label
+  detection       Visual-RFT detection: format, det_iou, det_confidence (its published parser and matching,
+                  quirks kept; det_*_strict: our strict parser); `solution` holds the boxes
+  classification  Visual-RFT classification: format, cls (exact, non-empty; cls_virft: its published
+                  substring rule, which an empty answer wins); `solution` holds the label
   grounding       one box (our `bbox` in pixels, or a `solution` box in --box_format): grounding_giou
   focus           VisRL's chain as one rollout: box (step 1) -> crop -> answer (step 2); reward: answer
                   (rule judge on the record's answer). Both steps' tokens get the rollout's advantage; an
@@ -132,10 +134,77 @@ def format_reward(completions, **_):
     return [float(THINK_ANSWER.fullmatch(c or "") is not None) for c in completions]
 
 
+def virft_iou(gt, pred):
+    """Visual-RFT's IoU on the 0..1000 grid as published (corners taken as given: reversed boxes score 0)."""
+    gx1, gy1, gx2, gy2 = gt
+    px1, py1, px2, py2 = pred
+    ix1, iy1, ix2, iy2 = max(gx1, px1), max(gy1, py1), min(gx2, px2), min(gy2, py2)
+    if ix2 <= ix1 or iy2 <= iy1:
+        return 0.0
+    inter = (ix2 - ix1) * (iy2 - iy1)
+    return inter / ((gx2 - gx1) * (gy2 - gy1) + (px2 - px1) * (py2 - py1) - inter)
+
+
+def virft_matches(completion, solution):
+    """Visual-RFT's reward-side matching as published: the completion read as common.virft_detection_json's
+    "reward" reading (its first item must be an object), duplicate Positions dropped (first kept), sorted by
+    Confidence (high first, ties in order), each greedily given the not-yet-matched ground-truth box of highest
+    IoU (the first of equal ones), a match when IoU > 0.5. Returns ([(IoU or 0, confidence), ...], number of
+    ground-truth boxes); raises wherever the published code raises (the reward is then 0)."""
+    pred, gt = common.virft_detection_json(completion, "reward"), common.virft_detection_json(solution, "solution")
+    if pred is None or type(pred[0]) is not dict:  # [] raises here: nothing predicted scores 0
+        raise ValueError("no detections")
+    taken, out = set(), []
+    for p in sorted(common.virft_unique(pred), key=lambda p: p["Confidence"], reverse=True):
+        best, best_j = 0, -1
+        for j, g in enumerate(gt):
+            if j not in taken:
+                iou = virft_iou(g["Position"], p["Position"])
+                if iou > best:
+                    best, best_j = iou, j
+        if best > 0.5:
+            taken.add(best_j)
+        else:
+            best = 0
+        out.append((best, p["Confidence"]))
+    return out, len(gt)
+
+
+def _virft_detection_scores(completions, solution, which):
+    scores = []
+    for c, sol in zip(completions, solution):
+        try:
+            matched, n_gt = virft_matches(c, sol)
+            iou_sum = conf_sum = 0.0  # the published code sums both for either reward: a confidence that
+            for iou, conf in matched:  # is not a number voids the IoU reward too
+                iou_sum += iou
+                conf_sum += (1 - iou) * (1 - conf) if iou == 0 else conf
+            if which == "iou":
+                score = float(min(iou_sum / max(n_gt, len(matched)), 1.0))
+            else:
+                score = float(min(max(conf_sum / len(matched), 0.0), 1.0))
+        except Exception:  # what the published code scores 0
+            score = 0.0
+        scores.append(score if math.isfinite(score) else 0.0)  # a NaN confidence would poison the whole batch
+    return scores
+
+
+def det_iou_reward(completions, solution, **_):
+    """Visual-RFT's det IoU reward, as published: sum of matched IoUs / max(#ground truth, #predictions),
+    capped at 1; an empty list, 'No Objects' or anything unreadable scores 0."""
+    return _virft_detection_scores(completions, solution, "iou")
+
+
+def det_confidence_reward(completions, solution, **_):
+    """Visual-RFT's det confidence reward, as published: mean over predictions of the confidence when
+    matched, 1 - confidence when not, clipped to [0, 1] (confidences as given, not clipped one by one)."""
+    return _virft_detection_scores(completions, solution, "confidence")
+
+
 def match_detections(pred, gt):
-    """Visual-RFT's matching on the 0..1000 grid: duplicate positions dropped (first kept), predictions by
-    confidence (high first), each greedily matched to the unmatched ground-truth box of highest IoU, a match
-    when IoU > 0.5. Returns the predictions in that order with their matched IoU (0 when unmatched)."""
+    """Our strict matching (det_*_strict) on parsed detections: duplicate positions dropped (first kept),
+    predictions by confidence (high first), each greedily matched to the unmatched ground-truth box of
+    highest IoU, a match when IoU > 0.5. Returns the predictions in that order with their IoU (0 if unmatched)."""
     seen, unique = set(), []
     for box, conf in pred:
         if tuple(box) not in seen:
@@ -154,7 +223,7 @@ def match_detections(pred, gt):
     return out
 
 
-def _detection_scores(completions, solution, which):
+def _strict_detection_scores(completions, solution, which):
     scores = []
     for c, sol in zip(completions, solution):
         pred, gt = common.read_detections(c), common.read_detections(sol)
@@ -172,14 +241,15 @@ def _detection_scores(completions, solution, which):
     return scores
 
 
-def det_iou_reward(completions, solution, **_):
-    """Sum of matched IoUs / max(#ground truth, #predictions), capped at 1."""
-    return _detection_scores(completions, solution, "iou")
+def det_iou_strict_reward(completions, solution, **_):
+    """det_iou on our strict parser (common.read_detections): a malformed item voids the answer instead of
+    being skipped, complete items of a cut-off list all count, 'No Objects' against no objects scores 1."""
+    return _strict_detection_scores(completions, solution, "iou")
 
 
-def det_confidence_reward(completions, solution, **_):
-    """Mean over predictions of the confidence (clipped to [0, 1]) when matched, 1 - confidence when not."""
-    return _detection_scores(completions, solution, "confidence")
+def det_confidence_strict_reward(completions, solution, **_):
+    """det_confidence on the strict parser, each confidence clipped to [0, 1] before the mean."""
+    return _strict_detection_scores(completions, solution, "confidence")
 
 
 def cls_reward(completions, solution=None, answer=None, **_):
@@ -188,6 +258,19 @@ def cls_reward(completions, solution=None, answer=None, **_):
     for c, label in zip(completions, _first_given(solution, answer, len(completions))):
         want = common.normalize_class_label(label or "")
         out.append(float(bool(want) and common.normalize_class_label(c or "") == want))
+    return out
+
+
+def cls_virft_reward(completions, solution=None, answer=None, **_):
+    """Visual-RFT's classification reward, as published: the first single-line <answer> content of the
+    completion (else the whole completion) and of the label, stripped, then common.virft_class_match --
+    substring credit either way, so an empty answer scores 1 (a reward a policy learns to hack)."""
+    out = []
+    for c, label in zip(completions, _first_given(solution, answer, len(completions))):
+        c, label = (v if isinstance(v, str) else "" for v in (c, label))
+        found, want = common.virft_answer(c), common.virft_answer(label)
+        out.append(float(common.virft_class_match((c if found is None else found).strip(),
+                                                  (label if want is None else want).strip())))
     return out
 
 
@@ -224,8 +307,9 @@ def answer_reward(completions, answer=None, solution=None, rule_metric="f1", **_
 
 
 REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence": det_confidence_reward,
-           "cls": cls_reward, "grounding_giou": grounding_giou_reward, "grounding_iou": grounding_iou_reward,
-           "answer": answer_reward}
+           "det_iou_strict": det_iou_strict_reward, "det_confidence_strict": det_confidence_strict_reward,
+           "cls": cls_reward, "cls_virft": cls_virft_reward, "grounding_giou": grounding_giou_reward,
+           "grounding_iou": grounding_iou_reward, "answer": answer_reward}
 
 
 # ------------------------------------------------------------------------------------------------ data

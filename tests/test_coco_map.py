@@ -1,5 +1,5 @@
 """virft-det: the COCO mAP in eval.py equals pycocotools (a test-only dependency) on randomised detections;
-Visual-RFT answer parsing (common.parse_detections) table by table."""
+our strict Visual-RFT answer parsing (common.parse_detections, eval's --parser strict) table by table."""
 import contextlib
 import copy
 import io
@@ -229,8 +229,8 @@ def test_virft_to_coco_dets():
             {'image_id': 7, 'category_id': 1, 'text': '<answer>[]</answer>'},
             {'image_id': 7, 'category_id': 1, 'text': "<think>none</think><answer>'No Objects'</answer>"},
             {'image_id': 7, 'category_id': 1, 'text': 'No Objects.'}]
-    dets, n_bad = virft_to_coco_dets(rows, gt)
-    assert n_bad == 1 and len(dets) == 2  # "No Objects" (the prompt's own answer) is no detection, not unparsable
+    dets, counts = virft_to_coco_dets(rows, gt, "strict")  # the published reading: test_virft_rules.py
+    assert counts["unparsable"] == 1 and len(dets) == 2  # "No Objects" (the prompt's own answer) is no detection
     for d, score in zip(dets, [0.8, 0.3]):  # swapped corners are re-ordered
         assert d['bbox'] == pytest.approx([20, 20, 100, 50]) and d['score'] == score
         assert d['image_id'] == 7 and d['category_id'] == 1

@@ -175,10 +175,16 @@ def test_virft_cls(tmp_path):
     records = [{"id": "a", "solution": "<answer>Red_Fox</answer>"}, {"id": "b", "solution": "<answer>cat</answer>"},
                {"id": "c", "answer": "dog"}, {"id": "d", "answer": "owl"}]
     preds = [{"id": "a", "text": "<think>fur</think> <answer>red fox</answer>"},
-             {"id": "b", "text": "<answer></answer>"},          # empty never matches
-             {"id": "c", "text": "a dog"}]                      # Visual-RFT's substring rule would accept it
-    metrics, _, _ = ev.score_virft_cls(records, preds, None, ("q", "p"))
-    assert metrics == {"accuracy": 0.25, "correct": 1, "total": 4, "missing": 1}
+             {"id": "b", "text": "<answer></answer>"},          # empty: right by the published rule only
+             {"id": "c", "text": "a dog"}]                      # no tags: wrong by the published rule
+    args = ev.parse_args(["--protocol", "virft-cls", "--questions", "q", "--predictions", "p", "--out", "r.json"])
+    metrics, _, _ = ev.score_virft_cls(records, preds, args, ("q", "p"))  # published rule (default)
+    assert metrics == {"accuracy": 0.5, "correct": 2, "total": 4, "missing": 1, "unparsable": 1,
+                       "empty_answer_correct": 1}
+    args.match = "exact"
+    metrics, _, _ = ev.score_virft_cls(records, preds, args, ("q", "p"))
+    assert metrics == {"accuracy": 0.25, "correct": 1, "total": 4, "missing": 1, "unparsable": 0,
+                       "empty_answer_correct": 0}
 
 
 def test_grounding_metrics(tmp_path):

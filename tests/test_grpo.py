@@ -69,9 +69,10 @@ def test_format_reward(text, want):
     ("<answer>[]</answer>", GT1, 0.0, 0.0),  # nothing found, something to find
     (det(([0, 0, 100, 100], 0.2),), "<answer>No Objects</answer>", 0.0, 0.8),
 ])
-def test_detection_rewards(text, sol, iou, conf):
-    assert grpo.REWARDS["det_iou"]([text], solution=[sol]) == [pytest.approx(iou)]
-    assert grpo.REWARDS["det_confidence"]([text], solution=[sol]) == [pytest.approx(conf)]
+def test_strict_detection_rewards(text, sol, iou, conf):
+    """det_*_strict; the published det_iou / det_confidence are tested in test_virft_rules.py."""
+    assert grpo.REWARDS["det_iou_strict"]([text], solution=[sol]) == [pytest.approx(iou)]
+    assert grpo.REWARDS["det_confidence_strict"]([text], solution=[sol]) == [pytest.approx(conf)]
 
 
 @pytest.mark.parametrize("text,label,want", [
@@ -122,7 +123,8 @@ def test_rewards_are_aligned_and_typed():
     # Each reward returns one float per completion, in order, for a batch with mixed records.
     sols = [GT1, GT2, "<answer>No Objects</answer>"]
     texts = [det(([0, 0, 100, 100], 1),), det(([0, 0, 100, 100], 1),), "No Objects"]
-    assert grpo.REWARDS["det_iou"](texts, solution=sols) == [1.0, 0.5, 1.0]
+    assert grpo.REWARDS["det_iou_strict"](texts, solution=sols) == [1.0, 0.5, 1.0]
+    assert grpo.REWARDS["det_iou"](texts, solution=sols) == [1.0, 0.5, 0.0]  # published: 'No Objects' scores 0
     for name, fn in grpo.REWARDS.items():
         out = fn(["x"] * 3, solution=["<answer>x</answer>"] * 3, answer=["x"] * 3, bbox=[[0, 0, 5, 5]] * 3,
                  width=[10] * 3, height=[10] * 3)
