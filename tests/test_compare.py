@@ -27,7 +27,8 @@ def test_paired_difference_is_the_mean_and_standard_error_of_per_question_differ
                  [{"dataset": "toy", "id": str(i), "answer_score": b[i], "iou": iou_b[i]} for i in range(53)]
                  + [{"dataset": "other", "id": "0", "answer_score": 1.0, "iou": 1.0}])
     row, base = compare.read_report(str(tmp_path / "row.json")), compare.read_report(str(tmp_path / "base.json"))
-    for metric, x, y in (("answer_score", a, b[:50]), ("box_acc", (iou_a > 0.5) * 1.0, (iou_b[:50] > 0.5) * 1.0)):
+    for metric, x, y in (("answer_score", a, b[:50]), ("box_acc", (iou_a > 0.5) * 1.0, (iou_b[:50] > 0.5) * 1.0),
+                         ("miou", iou_a, iou_b[:50])):
         mean, se, n = compare.paired_difference(row[1], base[1], metric)
         d = x - y
         assert n == 50

@@ -7,7 +7,7 @@ paired differences between reports on the same questions, each with its standard
 A paired difference is the mean over the questions both reports scored of (row - baseline), per question
 from each report's per-item file (OUT.items.jsonl, next to the report); its standard error is the sample
 standard deviation of those per-question differences over sqrt(n). Metrics: answer_score (the judge's
-score) and box_acc (IoU > 0.5 with the annotated box), where the protocol has them.
+score), box_acc (IoU > 0.5 with the annotated box) and miou (the IoU itself), where the protocol has them.
 """
 import argparse
 import json
@@ -20,7 +20,8 @@ import common  # noqa: E402
 from eval import COLUMNS, fmt  # noqa: E402
 
 ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
-                "box_acc": lambda item: None if item.get("iou") is None else float(item["iou"] > 0.5)}
+                "box_acc": lambda item: None if item.get("iou") is None else float(item["iou"] > 0.5),
+                "miou": lambda item: item.get("iou")}
 
 
 def read_report(path):
