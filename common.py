@@ -541,13 +541,14 @@ def virft_detection_json(text, reading):
     return _virft_list(_virft_repair(tagged, drop_ellipsis=False) if reading == "reward" else tagged)
 
 
-def virft_unique(items):
-    """Items whose Position was seen before dropped (the first kept); raises on an item without one."""
+def first_unique(items, key):
+    """Items whose key(item) was seen before dropped, the first kept (Visual-RFT's duplicate removal: key is
+    the Position as a tuple; an item without one raises, as published)."""
     seen, unique = set(), []
     for item in items:
-        key = tuple(item["Position"])
-        if key not in seen:
-            seen.add(key)
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
             unique.append(item)
     return unique
 
@@ -565,7 +566,7 @@ def virft_coco_detections(text, width, height):
     try:
         if isinstance(items[0], str):
             return dets, False
-        for item in virft_unique(items):
+        for item in first_unique(items, lambda item: tuple(item["Position"])):
             x1, y1, x2, y2 = item["Position"]
             x1, x2 = x1 / 1000.0 * width, x2 / 1000.0 * width
             y1, y2 = y1 / 1000.0 * height, y2 / 1000.0 * height

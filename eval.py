@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--parser", default=None, choices=sorted(set(PARSERS["viscot-det"] + PARSERS["virft-det"])),
                         help="viscot-det: viscot (Visual-CoT's own, default) or lenient; virft-det: virft "
                              "(Visual-RFT's published script, default) or strict")
-    parser.add_argument("--match", default="virft", choices=["virft", "exact"],
+    parser.add_argument("--match", default=None, choices=["virft", "exact"],
                         help="virft-cls: Visual-RFT's published substring rule (default) or exact, non-empty")
     parser.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS,
                         help="grounding/chain: box text format of the predictions")
@@ -109,6 +109,9 @@ def parse_args(argv=None):
         parser.error(f"--parser {args.parser} does not apply to --protocol {args.protocol}"
                      + (f" (choose from {', '.join(allowed)})" if allowed else ""))
     args.parser = args.parser or (allowed[0] if allowed else None)
+    if args.match is not None and args.protocol != "virft-cls":
+        parser.error(f"--match applies to --protocol virft-cls, not {args.protocol}")
+    args.match = args.match or ("virft" if args.protocol == "virft-cls" else None)
     if bool(args.model) == bool(args.predictions):
         parser.error("give either --predictions or --model")
     if args.predictions and len(args.predictions) != len(args.questions):

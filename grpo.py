@@ -155,7 +155,8 @@ def virft_matches(completion, solution):
     if pred is None or type(pred[0]) is not dict:  # [] raises here: nothing predicted scores 0
         raise ValueError("no detections")
     taken, out = set(), []
-    for p in sorted(common.virft_unique(pred), key=lambda p: p["Confidence"], reverse=True):
+    unique = common.first_unique(pred, lambda p: tuple(p["Position"]))
+    for p in sorted(unique, key=lambda p: p["Confidence"], reverse=True):
         best, best_j = 0, -1
         for j, g in enumerate(gt):
             if j not in taken:
@@ -205,12 +206,7 @@ def match_detections(pred, gt):
     """Our strict matching (det_*_strict) on parsed detections: duplicate positions dropped (first kept),
     predictions by confidence (high first), each greedily matched to the unmatched ground-truth box of
     highest IoU, a match when IoU > 0.5. Returns the predictions in that order with their IoU (0 if unmatched)."""
-    seen, unique = set(), []
-    for box, conf in pred:
-        if tuple(box) not in seen:
-            seen.add(tuple(box))
-            unique.append((box, conf))
-    unique.sort(key=lambda p: -p[1])
+    unique = sorted(common.first_unique(pred, lambda p: tuple(p[0])), key=lambda p: -p[1])
     free, out = list(range(len(gt))), []
     for box, conf in unique:
         ious = [(common.box_iou(box, gt[j][0]) if box[2] > box[0] and box[3] > box[1] else 0.0, j) for j in free]

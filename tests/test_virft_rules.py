@@ -169,7 +169,7 @@ def test_det_published_dets_score_as_pycocotools():
     assert_same(gt, dets)
 
 
-def test_det_parser_flag():
+def test_parser_and_match_flags():
     base = ["--questions", "q", "--predictions", "p", "--out", "r.json"]
     assert ev.parse_args(["--protocol", "virft-det"] + base).parser == "virft"
     assert ev.parse_args(["--protocol", "virft-det", "--parser", "strict"] + base).parser == "strict"
@@ -177,6 +177,9 @@ def test_det_parser_flag():
     for protocol, parser in (("virft-det", "lenient"), ("viscot-det", "virft"), ("virft-cls", "strict")):
         with pytest.raises(SystemExit):
             ev.parse_args(["--protocol", protocol, "--parser", parser] + base)
+    assert ev.parse_args(["--protocol", "virft-cls"] + base).match == "virft"
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--protocol", "virft-det", "--match", "exact"] + base)  # not silently ignored
 
 
 # ------------------------------------------------------------------------------ detection (rewards)
