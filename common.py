@@ -4,6 +4,7 @@ runtime, checkpoints and logging. Each stage's algorithm lives in its own script
 Sections, in order: records (JSONL) | boxes | prompts | answers and judges | model and processor |
 examples and batches | runtime (launchers, optimizer, schedule) | checkpoints | logging.
 """
+import argparse
 import contextlib
 import json
 import math
@@ -30,11 +31,17 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------------------------- records
 
 def iter_jsonl(path):
-    """(line number, object) for each non-blank line; a malformed line raises DataError naming file and line."""
+    """(line number, object) for each non-blank line; a malformed line, or one that is not UTF-8, raises
+    DataError naming file and line (a byte-order mark on the first line is accepted)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -44,6 +51,33 @@ def iter_jsonl(path):
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield lineno, row
+
+
+def input_rows(path, what="records"):
+    """(line number, object) of an input file that must hold at least one row: an empty one is an error that
+    names it (a stage that read nothing would otherwise exit 0 having done nothing)."""
+    rows = list(iter_jsonl(path))
+    if not rows:
+        raise DataError(f"{path}: no {what} (the file is empty)")
+    return rows
+
+
+def check_unique(seen, key, where, what="id"):
+    """Refuse a key seen before in the same input (its rows would share one output row, or be trained twice)."""
+    if key in seen:
+        raise DataError(f"{where}: duplicate {what} {key!r} (first at {seen[key]})")
+    seen[key] = where
+
+
+def finite_number(value, where, name, low=-math.inf, high=math.inf, allow_none=False):
+    """A real number in [low, high]: not a string, bool, NaN or infinity (JSON readers accept NaN)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise DataError(f"{where}: {name} must be a finite number in [{low:g}, {high:g}]"
+                        + (" or null" if allow_none else "") + f", got {value!r}")
+    return value
 
 
 def read_jsonl(path):
@@ -87,28 +121,40 @@ def validate_record(rec, where, need_answer=True):
     for key in ("id", "image", "question", "answer"):
         if not isinstance(rec.get(key), str) or not (rec[key].strip() or (key == "answer" and not need_answer)):
             raise DataError(f"{where}: field '{key}' must be a non-empty string, got {rec.get(key)!r}")
-    if rec.get("bbox") is not None:
-        b = rec["bbox"]
-        if not (isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
-                and all(math.isfinite(v) for v in b)):
-            raise DataError(f"{where}: record {rec['id']!r}: bbox must be [x1, y1, x2, y2] numbers, got {b!r}")
-        if not (b[2] > b[0] and b[3] > b[1]):
-            raise DataError(f"{where}: record {rec['id']!r}: degenerate bbox {b!r} (needs x2 > x1 and y2 > y1)")
     for key in ("width", "height"):
-        if rec.get(key) is not None and not (isinstance(rec[key], int) and rec[key] > 0):
+        if rec.get(key) is not None and not (isinstance(rec[key], int) and not isinstance(rec[key], bool)
+                                             and rec[key] > 0):
             raise DataError(f"{where}: record {rec['id']!r}: {key} must be a positive integer, got {rec[key]!r}")
+    if rec.get("bbox") is not None:
+        check_box(rec["bbox"], f"{where}: record {rec['id']!r}: bbox", rec.get("width"), rec.get("height"))
     return rec
 
 
+BOX_SLACK = 1.0  # pixels a box may stick out of its image (rounding in converted annotations)
+
+
+def check_box(box, where, width=None, height=None):
+    """A pixel box [x1, y1, x2, y2] of finite numbers with x2 > x1, y2 > y1, inside the width x height image
+    when its size is known. A box past the edge would be clamped into another region than the annotator
+    drew, and trained on as if it were that one."""
+    if not (isinstance(box, list) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        raise DataError(f"{where} must be [x1, y1, x2, y2] finite numbers, got {box!r}")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise DataError(f"{where} {box!r} is degenerate (needs x2 > x1 and y2 > y1)")
+    if min(box) < -BOX_SLACK or (width and box[2] > width + BOX_SLACK) or (height and box[3] > height + BOX_SLACK):
+        size = f"the {width}x{height} image" if width and height else "the image (negative coordinates)"
+        raise DataError(f"{where} {box!r} lies outside {size}")
+    return box
+
+
 def read_records(path, need_answer=True):
-    """Our records from a JSONL file, validated, ids unique."""
-    seen = {}
-    records = []
-    for lineno, rec in iter_jsonl(path):
-        validate_record(rec, f"{path}:{lineno}", need_answer)
-        if rec["id"] in seen:
-            raise DataError(f"{path}:{lineno}: duplicate id {rec['id']!r} (first on line {seen[rec['id']]})")
-        seen[rec["id"]] = lineno
+    """Our records from a JSONL file that holds at least one, validated, ids unique."""
+    seen, records = {}, []
+    for lineno, rec in input_rows(path):
+        where = f"{path}:{lineno}"
+        validate_record(rec, where, need_answer)
+        check_unique(seen, rec["id"], where)
         records.append(rec)
     return records
 
@@ -117,29 +163,74 @@ def image_path(rec, image_root):
     return rec["image"] if os.path.isabs(rec["image"]) else os.path.join(image_root or "", rec["image"])
 
 
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
 def load_image(rec, image_root):
-    """The record's image as RGB; a missing or unreadable file raises DataError naming the record."""
+    """The record's image as RGB; a missing or unreadable file, or a record that disagrees with it
+    (check_against_image), raises DataError naming the record."""
     path = image_path(rec, image_root)
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+            image = im.convert("RGB")
+    except IMAGE_ERRORS as e:
         raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: {e}") from None
+    check_against_image(rec, image.size, path)
+    return image
+
+
+def check_against_image(rec, size, path):
+    """The record's width/height (when given) are its image's, and its bbox lies inside the image."""
+    stated = (rec.get("width"), rec.get("height"))
+    if stated != (None, None) and tuple(stated) != tuple(size):
+        raise DataError(f"record {rec.get('id')!r}: width/height {stated[0]}x{stated[1]} disagree with its image "
+                        f"{path!r} ({size[0]}x{size[1]})")
+    if rec.get("bbox") is not None:
+        check_box(rec["bbox"], f"record {rec.get('id')!r}: bbox", *size)
 
 
 def image_size(rec, image_root):
-    """(width, height) from the record when it has them, else from the image header (no pixel decode).
-    A missing file fails here, before training starts, not hours into it."""
+    """(width, height) of the record's image from its header (no pixel decode), checked against the record
+    (check_against_image). A missing file fails here, before training starts, not hours into it."""
     path = image_path(rec, image_root)
     if not os.path.isfile(path):
         raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: no such file")
-    if rec.get("width") and rec.get("height"):
-        return rec["width"], rec["height"]
     try:
         with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError) as e:
+            size = im.size
+    except IMAGE_ERRORS as e:
         raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: {e}") from None
+    check_against_image(rec, size, path)
+    return size
+
+
+def check_images(records, image_root, show_progress=False):
+    """(width, height) of every record's image, each distinct file decoded in full once (in threads) before a
+    training stage starts: a missing or corrupt file, a stated size that is not the image's, or a box outside
+    it is a DataError naming the record now, not when its batch is drawn after hours of training."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def decode(path):
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.size, None
+        except IMAGE_ERRORS as e:
+            return None, e if os.path.isfile(path) else "no such file"
+
+    paths = list(dict.fromkeys(image_path(rec, image_root) for rec in records))
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        decoded = dict(zip(paths, progress(pool.map(decode, paths), show_progress and len(paths) > 1000,
+                                           total=len(paths), desc="checking images", unit="img")))
+    sizes = []
+    for rec in records:
+        path = image_path(rec, image_root)
+        size, error = decoded[path]
+        if error is not None:
+            raise DataError(f"record {rec.get('id')!r}: cannot load image {path!r}: {error}")
+        check_against_image(rec, size, path)
+        sizes.append(size)
+    return sizes
 
 
 # ------------------------------------------------------------------------------------------------- boxes
@@ -581,9 +672,38 @@ def virft_coco_detections(text, width, height):
 LM_ONLY_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 
 
+def check_model_path(path, flag="--model"):
+    """A local directory that holds a model (or an adapter), or what can only be a hub id (owner/name); anything
+    else is a one-line error before transformers' own ("Repo id must be in the form ...")."""
+    if os.path.isdir(path):
+        if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
+            raise DataError(f"{flag} {path}: not a model directory (no config.json)")
+    elif os.path.exists(path):
+        raise DataError(f"{flag} {path}: a file, not a model directory")
+    elif path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        raise DataError(f"{flag} {path}: no such directory")
+
+
+@contextlib.contextmanager
+def loading(path, flag="--model"):
+    """Checks the path, and turns what from_pretrained raises on a bad one (missing files, a hub id that is
+    not there or not reachable, an unknown model type) into a one-line error naming the flag."""
+    check_model_path(path, flag)
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{flag} {path}: cannot load it ({reason})") from None
+
+
 def load_processor(path):
     """AutoProcessor where it works; without torchvision (CPU machines) Qwen's video processor cannot be
     built, so construct the processor from tokenizer + PIL image processor with no video processor."""
+    with loading(path):
+        return _load_processor(path)
+
+
+def _load_processor(path):
     from transformers import AutoProcessor
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -626,13 +746,77 @@ def resolve_dtype(name):
 
 
 def load_model(path, dtype=torch.float32, attn="sdpa", adapter=None, adapter_trainable=False):
-    """Qwen2-VL / Qwen2.5-VL through the Auto class; optionally a PEFT adapter on top."""
+    """Qwen2-VL / Qwen2.5-VL through the Auto class; optionally a PEFT adapter on top, refused when it records
+    another base (check_adapter_base)."""
     from transformers import AutoModelForImageTextToText
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    with loading(path):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     if adapter:
         from peft import PeftModel
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
+        check_adapter_base(adapter, path)
+        with loading(adapter, "--adapter"):
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
     return model
+
+
+def check_model_args(args):
+    """--model and --adapter checked before a stage claims its outputs: a wrong path or an adapter of another
+    base is refused without leaving anything behind."""
+    check_model_path(args.model)
+    if args.adapter:
+        check_model_path(args.adapter, "--adapter")
+        check_adapter_base(args.adapter, args.model)
+    if getattr(args, "ref_model", None):
+        check_model_path(args.ref_model, "--ref_model")
+
+
+def check_adapter_base(adapter, model_dir):
+    """Refuse an adapter whose recorded base (adapter_base.json, written by our stages) has other weights than
+    model_dir: on another base its low-rank updates mean nothing, and nothing else would say so."""
+    record = os.path.join(adapter, "adapter_base.json")
+    if not os.path.exists(record) or not os.path.isdir(model_dir):
+        return
+    with open(record) as f:
+        recorded = json.load(f)
+    actual = weights_fingerprint(model_dir)
+    if actual != recorded["fingerprint"]:
+        raise DataError(f"--adapter {adapter} was trained on {recorded['base_model']} (weights fingerprint "
+                        f"{recorded['fingerprint']}), but --model {model_dir} has other weights (fingerprint "
+                        f"{actual}): give the model it was trained from (a stage started from a merged checkpoint "
+                        "has that checkpoint as its base)")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the script's docstring as its help, and a bad flag answered like every other bad input:
+    one line, `script: error: ...`, exit status 1 (not argparse's usage dump and 2)."""
+
+    def __init__(self, doc, **kw):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+    def error(self, message):
+        raise SystemExit(f"{self.prog}: error: {message} (--help lists the flags)")
+
+
+def bounded(kind, low=None, high=None, open_low=False, open_high=False):
+    """An argparse type: a `kind` number in a range, so a bad flag value is refused before any model loads."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
+                or (high is not None and (value >= high if open_high else value > high)):
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {'(' if open_low or low is None else '['}{lo}, "
+                                             f"{hi}{')' if open_high or high is None else ']'}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT, COUNT = bounded(int, 1), bounded(int, 0)
+POSITIVE, NONNEGATIVE, FRACTION = bounded(float, 0, open_low=True), bounded(float, 0), bounded(float, 0, 1)
 
 
 def add_model_args(parser):
@@ -648,9 +832,9 @@ def add_model_args(parser):
 def add_finetune_args(parser):
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--finetune", default="lora", choices=["lora", "full"], help="LoRA or full fine-tuning")
-    g.add_argument("--lora_r", type=int, default=8, help="LoRA rank")
-    g.add_argument("--lora_alpha", type=int, default=16, help="LoRA alpha")
-    g.add_argument("--lora_dropout", type=float, default=0.0, help="LoRA dropout")
+    g.add_argument("--lora_r", type=POSITIVE_INT, default=8, help="LoRA rank")
+    g.add_argument("--lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha")
+    g.add_argument("--lora_dropout", type=bounded(float, 0, 1, open_high=True), default=0.0, help="LoRA dropout")
     g.add_argument("--lora_targets", default=LM_ONLY_TARGETS,
                    help="regex of module names that get LoRA (default: the language model's linear layers)")
     g.add_argument("--train_vision", action="store_true",
@@ -846,17 +1030,19 @@ def image_features(model, processor, images):
 
 @torch.no_grad()
 def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=False, temperature=1.0, images=None,
-                    features=None):
+                    features=None, max_time=None):
     """Batched generation (left padding) for a list of Examples. Returns, per example, the prompt length and
     the completion's token ids up to and including the first EOS (cut there: what follows is padding),
-    and whether it stopped at EOS (False: it hit max_new_tokens). `features`: per example, its images'
-    precomputed vision features (image_features), used instead of running the vision tower again."""
+    and whether it stopped at EOS (False: it hit max_new_tokens, or ran max_time seconds). `features`: per
+    example, its images' precomputed vision features (image_features), used instead of running the vision
+    tower again."""
     encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
-    return generate_encoded(model, processor, encoded, max_new_tokens, do_sample, temperature, features)
+    return generate_encoded(model, processor, encoded, max_new_tokens, do_sample, temperature, features, max_time)
 
 
 @torch.no_grad()
-def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=False, temperature=1.0, features=None):
+def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=False, temperature=1.0, features=None,
+                     max_time=None):
     """generate_tokens on prompts already encoded (encode): a prompt sampled G times is encoded once and
     listed G times."""
     batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
@@ -871,7 +1057,8 @@ def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=Fal
     # need not keep stepping until every rank is done (HF's default there), nor call generate when others do.
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=False)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=False,
+                         max_time=max_time)
     results = []
     for e, row in zip(encoded, out[:, batch["input_ids"].shape[1]:].tolist()):
         stop = row.index(eos) + 1 if eos in row else len(row)
@@ -894,20 +1081,22 @@ def add_runtime_args(parser):
     g.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero2.json)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
     g.add_argument("--seed", type=int, default=42, help="seed for data order, init and sampling")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine decays to lr * this")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of steps with linear warm-up")
-    g.add_argument("--epochs", type=float, default=3.0, help="passes over the data")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs)")
-    g.add_argument("--batch_size", type=int, default=4, help="examples per micro-batch per rank")
-    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--save_total_limit", type=int, default=2, help="keep this many step checkpoints")
+    g.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate")
+    g.add_argument("--min_lr_ratio", type=FRACTION, default=0.0, help="cosine decays to lr * this")
+    g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup_ratio", type=FRACTION, default=0.1, help="share of steps with linear warm-up")
+    g.add_argument("--epochs", type=POSITIVE, default=3.0, help="passes over the data")
+    g.add_argument("--max_steps", type=COUNT, default=0, help="stop after this many optimizer steps (0: epochs)")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=4, help="examples per micro-batch per rank")
+    g.add_argument("--grad_accum", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=NONNEGATIVE, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--save_steps", type=COUNT, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--save_total_limit", type=COUNT, default=2, help="keep this many step checkpoints (0: all)")
     g.add_argument("--resume", default=None,
                    help="checkpoint directory to continue from exactly, or 'latest' for the newest in --output_dir")
-    g.add_argument("--log_steps", type=int, default=1, help="write a metrics line every N steps")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run's outputs in --output_dir (without it, or --resume, they are refused)")
+    g.add_argument("--log_steps", type=POSITIVE_INT, default=1, help="write a metrics line every N steps")
 
 
 class Runtime:
@@ -1251,6 +1440,13 @@ def adapter_fingerprint(adapter_dir):
     return file_fingerprint(os.path.join(adapter_dir, "adapter_model.safetensors")) if adapter_dir else None
 
 
+def model_stamp(args):
+    """The weights a run generates with (--model, --adapter and their fingerprints), for check_made_by."""
+    local = os.path.isdir(args.model)
+    return {"model": args.model, "weights": weights_fingerprint(args.model) if local else None,
+            "adapter": args.adapter, "adapter_weights": adapter_fingerprint(args.adapter)}
+
+
 def check_made_by(stamp_path, made_by):
     """Outputs that resume across runs carry a stamp of the weights and settings that made them; a rerun with
     others is refused instead of silently mixing two models' outputs in one file."""
@@ -1271,6 +1467,58 @@ def check_made_by(stamp_path, made_by):
         os.replace(tmp, stamp_path)
 
 
+STAGE_OUTPUTS = re.compile(r"(metrics|samples|reference_logps)\.jsonl|reference_logps\.made_by\.json"
+                           r"|final(\.tmp)?|checkpoint-\d+(\.tmp)?")  # what a training stage writes
+_HELD_LOCKS = {}  # path -> open lock file: each flock lasts as long as this process (the kernel drops it on a kill)
+
+
+def hold_lock(path, what):
+    """Hold an exclusive lock on `path` (created if absent) until this process exits; a second process is
+    refused, told the holder's pid. An advisory flock: a killed run leaves no stale lock behind."""
+    import fcntl
+    import socket
+    path = os.path.realpath(path)
+    if path in _HELD_LOCKS:  # a stage run twice in one process (a notebook, a test) already holds it
+        return
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its pid yet"
+        f.close()
+        raise DataError(f"{what} is in use by another run ({holder}, lock {path}); wait for it or write elsewhere") \
+            from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD_LOCKS[path] = f
+
+
+def claim_output_dir(args):
+    """Make --output_dir this run's own before anything is written there (rank 0; the launchers stop the other
+    ranks when it fails): a lock (OUT/run.lock) refuses a second run on it while this one lives; an earlier
+    run's outputs are continued only with --resume and replaced only with --overwrite, which removes what a
+    stage writes (STAGE_OUTPUTS) and nothing else."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--output_dir {out}: a file, not a directory")
+    os.makedirs(out, exist_ok=True)
+    hold_lock(os.path.join(out, "run.lock"), f"--output_dir {out}")
+    earlier = sorted(name for name in os.listdir(out) if STAGE_OUTPUTS.fullmatch(name))
+    if earlier and not args.resume:
+        if not args.overwrite:
+            listed = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
+            raise DataError(f"--output_dir {out} holds an earlier run ({listed}): --resume latest continues it, "
+                            "--overwrite replaces it")
+        for name in earlier:
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
 def prune_checkpoints(out_dir, keep):
     steps = sorted(checkpoint_steps(out_dir))
     for step in steps[:-keep] if keep > 0 else []:
@@ -1284,11 +1532,25 @@ def checkpoint_steps(out_dir):
 
 
 def resolve_resume(args):
-    """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none)."""
+    """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none); a directory
+    given by name must be a checkpoint."""
     if args.resume != "latest":
+        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
+            raise DataError(f"--resume {args.resume}: not a checkpoint (no training_state.pt); give a checkpoint-N "
+                            "directory of this stage's --output_dir, or 'latest'")
         return args.resume
     steps = checkpoint_steps(args.output_dir)
     return os.path.join(args.output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def start_step(rt, ckpt, *logs):
+    """The step a run starts at: its checkpoint's, with optimizer, schedule and RNG restored, or 0. The metric
+    lines after it, which a killed run wrote and this one writes again, are dropped (all of them when it
+    starts from scratch), so each step has one line."""
+    step = load_checkpoint(rt, ckpt)["step"] if ckpt else 0
+    for log in logs:
+        log.rewind(step if ckpt else -1)
+    return step
 
 
 def load_checkpoint(rt, ckpt):

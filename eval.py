@@ -32,7 +32,6 @@ virft-cls     accuracy. --match virft (default), Visual-RFT's published rule: th
 grounding     one box per record: acc (IoU > 0.5), mIoU, mean gIoU, cIoU (cumulative intersection / union).
 chain         our records through the two-step chain: the box metrics of grounding plus the answer score.
 """
-import argparse
 import json
 import os
 import re
@@ -70,7 +69,7 @@ JUDGE_USER = "\nquestion: %s\nstandard answer: %s\nmodel's answer: %s\n"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="what to score")
     parser.add_argument("--questions", required=True, nargs="+", help="ground-truth file(s), one per dataset")
     parser.add_argument("--predictions", nargs="+", default=None, help="prediction file(s), same order")
@@ -90,8 +89,9 @@ def parse_args(argv=None):
     j.add_argument("--judge_url", default=None, help="http judge: endpoint base, e.g. http://127.0.0.1:8000/v1")
     j.add_argument("--judge_model", default=None, help="http judge: model name; model judge: checkpoint directory")
     j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="http judge: env var holding the API key")
-    j.add_argument("--judge_workers", type=int, default=8, help="http judge: concurrent requests")
-    j.add_argument("--judge_retries", type=int, default=3, help="http judge: retries per call (back-off 1, 2, 4 s)")
+    j.add_argument("--judge_workers", type=common.POSITIVE_INT, default=8, help="http judge: concurrent requests")
+    j.add_argument("--judge_retries", type=common.COUNT, default=3,
+                   help="http judge: retries per call (back-off 1, 2, 4 s)")
     m = parser.add_argument_group("run a model first (--model)")
     m.add_argument("--model", default=None, help="checkpoint to evaluate end to end (else --predictions)")
     m.add_argument("--adapter", default=None, help="LoRA adapter on top of --model")
@@ -101,8 +101,9 @@ def parse_args(argv=None):
     m.add_argument("--predictions_dir", default=None,
                    help="where --model writes predictions (default: OUT.predictions/)")
     m.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
-    m.add_argument("--batch_size", type=int, default=16, help="records per generate call")
-    m.add_argument("--max_new_tokens", type=int, default=64, help="tokens per step (virft: use 512+ for <think>)")
+    m.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
+    m.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64,
+                   help="tokens per step (virft: use 512+ for <think>)")
     args = parser.parse_args(argv)
     allowed = PARSERS.get(args.protocol, ())
     if args.parser is not None and args.parser not in allowed:
@@ -131,13 +132,26 @@ def dataset_name(path):
 
 
 def load_questions(protocol, path):
+    """The ground truth of one dataset, which must hold questions: a JSON file (viscot-answer's list, virft-det's
+    COCO annotations) or JSONL; chain records are checked as our record format."""
     if protocol in ("viscot-answer", "virft-det"):
-        with open(path, encoding="utf-8") as f:
+        if not os.path.isfile(path):
+            raise common.DataError(f"{path}: no such file")
+        with open(path, "rb") as f:
             try:
-                return json.load(f)
+                questions = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError:
+                raise common.DataError(f"{path}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise common.DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    return common.read_jsonl(path)
+        if not (questions.get("images") if protocol == "virft-det" and isinstance(questions, dict) else
+                isinstance(questions, list) and questions):
+            raise common.DataError(f"{path}: no questions" + (" (a COCO file with images, annotations and "
+                                                              "categories)" if protocol == "virft-det" else ""))
+        return questions
+    if protocol == "chain":
+        return common.read_records(path)
+    return [row for _, row in common.input_rows(path, "questions")]
 
 
 def by_key(rows, key, path):
@@ -582,8 +596,11 @@ def predicted_box(pred, rec, args):
     """The prediction's pixel box: its `box` field (infer.py output) or its text in --box_format."""
     if pred is None:
         return None
-    if pred.get("box") is not None:
-        return pred["box"]
+    if pred.get("box") is not None:  # a box that is not one (NaN, reversed, not four numbers) is unparsable
+        try:
+            return common.check_box(pred["box"], "box")
+        except common.DataError:
+            return None
     w, h = rec["width"], rec["height"]
     resized = (int(rec["resized_height"]), int(rec["resized_width"])) if "resized_height" in rec else None
     return common.parse_box(common.extract_answer(pred.get("text") or pred.get("box_text")),
@@ -621,6 +638,7 @@ def score_grounding(records, preds, args, paths):
     for i, rec in enumerate(records, 1):
         if rec.get("bbox") is None:
             raise common.DataError(f"{paths[0]}: row {i} ({record_id(rec)!r}) has no bbox")
+        common.check_box(rec["bbox"], f"{paths[0]}: row {i} ({record_id(rec)!r}): bbox", rec["width"], rec["height"])
     boxes = [predicted_box(by_id.get(record_id(rec)), rec, args) for rec in records]
     metrics, ious = box_metrics([(b, rec["bbox"]) for b, rec in zip(boxes, records)])
     rows = [{"id": record_id(r), "box": b, "iou": i} for r, b, i in zip(records, boxes, ious)]
@@ -674,14 +692,12 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
     import infer
     records, mode, to_prediction = model_records(protocol, questions, qpath)
     raw_path = pred_path[:-len(".jsonl")] + ".infer.jsonl"
-    # Predictions resume across runs; ones made by another model or other settings must not be mixed in.
-    common.check_made_by(pred_path[:-len(".jsonl")] + ".made_by.json", {
-        "model": args.model, "weights": common.weights_fingerprint(args.model), "adapter": args.adapter,
-        "adapter_weights": common.adapter_fingerprint(args.adapter), "mode": mode, "box_format": args.box_format,
-        "prompt_set": args.prompt_set, "max_new_tokens": args.max_new_tokens})
     image_root = args.image_root or os.path.dirname(os.path.abspath(qpath))
-    _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size, mode=mode,
-                                  box_format=args.box_format, prompt_set=args.prompt_set,
+    # Predictions resume across runs; ones made by another model or other settings must not be mixed in.
+    _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size,
+                                  made_by=dict(common.model_stamp(args), mode=mode, box_format=args.box_format,
+                                               prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens),
+                                  mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
                                   max_new_tokens=args.max_new_tokens)
     if errors:
         raise common.DataError(f"{len(errors)} images failed to load (first: {errors[0]['error']}); "
@@ -724,6 +740,7 @@ def main(argv=None):
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
     per_dataset, settings, items = {}, {}, []
     if args.model:
+        common.check_model_args(args)
         processor = common.load_processor(args.model)
         model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
         if torch.cuda.is_available():
@@ -756,7 +773,7 @@ def main(argv=None):
               "settings": settings}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, indent=1, allow_nan=False)  # NaN is not JSON: a NaN here is a bug, not a score
     os.replace(args.out + ".tmp", args.out)
     common.write_jsonl(os.path.splitext(args.out)[0] + ".items.jsonl", items)
 

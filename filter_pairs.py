@@ -13,7 +13,6 @@ chosen_answer, rejected_answer, chosen_crop (pixels; stage 2 answers both on it)
 rejected_box, and the four scores. --grpo_out also writes every question as a Visual-RFT-style GRPO record
 (id, image, problem, solution, bbox).
 """
-import argparse
 import os
 
 import common
@@ -23,15 +22,40 @@ RULES = ("no_scored_candidates", "max_answer_below_high", "min_answer_above_low"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--candidates", required=True, nargs="+", help="gen_pairs.py output file(s)")
     parser.add_argument("--out", required=True, help="pairs JSONL")
-    parser.add_argument("--answer_high", type=float, default=0.8, help="max s_R must reach this")
-    parser.add_argument("--answer_low", type=float, default=0.2, help="min s_R must be at most this")
-    parser.add_argument("--box_high", type=float, default=0.8, help="the chosen candidate's s_B at least this")
-    parser.add_argument("--box_low", type=float, default=0.2, help="the rejected candidate's s_B at most this")
+    parser.add_argument("--answer_high", type=common.FRACTION, default=0.8, help="max s_R must reach this")
+    parser.add_argument("--answer_low", type=common.FRACTION, default=0.2, help="min s_R must be at most this")
+    parser.add_argument("--box_high", type=common.FRACTION, default=0.8,
+                        help="the chosen candidate's s_B at least this")
+    parser.add_argument("--box_low", type=common.FRACTION, default=0.2,
+                        help="the rejected candidate's s_B at most this")
     parser.add_argument("--grpo_out", default=None, help="also write GRPO prompt records (Visual-RFT style)")
     return parser.parse_args(argv)
+
+
+def check_question(q, where):
+    """A gen_pairs.py line: what pair_row copies, and scores that are finite numbers in [0, 1] or null."""
+    if not isinstance(q.get("id"), str) or not isinstance(q.get("candidates"), list):
+        raise common.DataError(f"{where}: not a gen_pairs.py line (needs a string id and a candidates list)")
+    for key in ("image", "question", "answer"):
+        if not isinstance(q.get(key), str):
+            raise common.DataError(f"{where}: question {q['id']!r}: field '{key}' must be a string")
+    for key in ("width", "height"):
+        if isinstance(q.get(key), bool) or not isinstance(q.get(key), int) or q[key] <= 0:
+            raise common.DataError(f"{where}: question {q['id']!r}: {key} must be a positive integer, "
+                                   f"got {q.get(key)!r}")
+    for k, c in enumerate(q["candidates"]):
+        if not isinstance(c, dict):
+            raise common.DataError(f"{where}: question {q['id']!r}: candidate {k} is not an object")
+        for score in ("s_R", "s_B"):
+            common.finite_number(c.get(score), f"{where}: question {q['id']!r}: candidate {k}", score, 0, 1,
+                                 allow_none=True)
+        if c.get("s_R") is not None and c.get("s_B") is not None:
+            for key in ("box_text", "answer", "crop", "box"):
+                if key not in c:
+                    raise common.DataError(f"{where}: question {q['id']!r}: scored candidate {k} lacks '{key}'")
 
 
 def select_pair(candidates, args):
@@ -67,11 +91,12 @@ def pair_row(q, chosen, rejected):
 
 def main(argv=None):
     args = parse_args(argv)
-    questions = []
+    questions, seen = [], {}
     for path in args.candidates:
-        for lineno, q in common.iter_jsonl(path):
-            if not isinstance(q.get("candidates"), list) or "id" not in q:
-                raise common.DataError(f"{path}:{lineno}: not a gen_pairs.py line (needs id and candidates)")
+        for lineno, q in common.input_rows(path, "questions"):
+            where = f"{path}:{lineno}"
+            check_question(q, where)
+            common.check_unique(seen, q["id"], where)  # a file given twice would give every pair twice
             questions.append(q)
     pairs, dropped = [], {rule: 0 for rule in RULES}
     for q in questions:

@@ -23,7 +23,6 @@ A rerun with the same --out skips finished questions (a kill loses at most the b
 line is cut off). Under torchrun/deepspeed each rank writes OUT.rank{r}.jsonl and rank 0 merges them into
 OUT when all ranks are done. A question whose image fails to load is skipped and listed in OUT.errors.jsonl.
 """
-import argparse
 import glob
 import os
 import random
@@ -54,26 +53,31 @@ BOX_JUDGE = (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     common.add_model_args(parser)
     g = parser.add_argument_group("candidates")
     g.add_argument("--data", required=True, help="records (JSONL: id, image, question, answer, optional bbox)")
     g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
     g.add_argument("--out", required=True, help="candidates JSONL (one line per question)")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
-    g.add_argument("--box_decimals", type=int, default=3, help="decimals of a random box's text (viscot/norm)")
+    g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of a random box's text (viscot/norm)")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
-    g.add_argument("--attempts", type=int, default=3, help="attempts per question, 2 candidates each (VisRL: 3)")
-    g.add_argument("--box_temperature", type=float, default=2.0, help="box sampling temperature (VisRL: 2)")
-    g.add_argument("--answer_temperature", type=float, default=2.0, help="answer sampling temperature (VisRL: 2)")
-    g.add_argument("--overlap_iou", type=float, default=0.05,
+    g.add_argument("--attempts", type=common.POSITIVE_INT, default=3,
+                   help="attempts per question, 2 candidates each (VisRL: 3)")
+    g.add_argument("--box_temperature", type=common.POSITIVE, default=2.0, help="box sampling temperature (VisRL: 2)")
+    g.add_argument("--answer_temperature", type=common.POSITIVE, default=2.0,
+                   help="answer sampling temperature (VisRL: 2)")
+    g.add_argument("--overlap_iou", type=common.FRACTION, default=0.05,
                    help="the second box is replaced when its IoU with the first is above this")
-    g.add_argument("--size_band", type=float, default=0.4, help="random box: each side within +-d of the first's")
-    g.add_argument("--band_step", type=float, default=0.1, help="random box: d widened by this ...")
-    g.add_argument("--band_every", type=int, default=20, help="... every this many failed tries")
-    g.add_argument("--random_tries", type=int, default=100, help="random box: give up after this many tries")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per step")
-    g.add_argument("--batch_size", type=int, default=8, help="questions per batch (x 2 x attempts sequences)")
+    g.add_argument("--size_band", type=common.NONNEGATIVE, default=0.4,
+                   help="random box: each side within +-d of the first's")
+    g.add_argument("--band_step", type=common.NONNEGATIVE, default=0.1, help="random box: d widened by this ...")
+    g.add_argument("--band_every", type=common.POSITIVE_INT, default=20, help="... every this many failed tries")
+    g.add_argument("--random_tries", type=common.POSITIVE_INT, default=100,
+                   help="random box: give up after this many tries")
+    g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
+    g.add_argument("--batch_size", type=common.POSITIVE_INT, default=8,
+                   help="questions per batch (x 2 x attempts sequences)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r)")
     j = parser.add_argument_group("judge")
     j.add_argument("--judge", default="rule", choices=["rule", "model", "http"], help="who scores candidates")
@@ -84,8 +88,8 @@ def parse_args(argv=None):
     j.add_argument("--judge_model", default=None, help="model: checkpoint directory; http: the model name")
     j.add_argument("--judge_url", default=None, help="http: endpoint base, e.g. http://127.0.0.1:8000/v1")
     j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="http: env var holding the API key")
-    j.add_argument("--judge_workers", type=int, default=16, help="http: concurrent requests")
-    j.add_argument("--judge_retries", type=int, default=3, help="http: retries per call (back-off 1, 2, 4 s)")
+    j.add_argument("--judge_workers", type=common.POSITIVE_INT, default=16, help="http: concurrent requests")
+    j.add_argument("--judge_retries", type=common.COUNT, default=3, help="http: retries per call (back-off 1, 2, 4 s)")
     args = parser.parse_args(argv)
     if args.judge in ("model", "http") and not args.judge_model:
         parser.error(f"--judge {args.judge} needs --judge_model")
@@ -335,22 +339,24 @@ def main(argv=None):
     random.seed(args.seed + rank)
     torch.manual_seed(args.seed + rank)
     rng = random.Random(args.seed + rank)
+    records = common.read_records(args.data)
+    common.check_model_args(args)
+    out_path = shard_path(args.out, rank, world)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    common.hold_lock(out_path + ".lock", f"--out {out_path}")  # a second run on it would write every id twice
     processor = common.load_processor(args.model)
     model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
     if torch.cuda.is_available():
         model.to(f"cuda:{local_rank}")
     judge = Judge(args, model, processor)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    records = common.read_records(args.data)
     settings = {k: v for k, v in vars(args).items() if k not in ("data", "image_root", "out", "batch_size",
                                                                   "judge_workers", "judge_retries", "dtype", "attn")}
-    common.check_made_by(args.out + ".made_by.json", dict(settings, weights=common.weights_fingerprint(args.model),
-                                                         adapter_weights=common.adapter_fingerprint(args.adapter)))
+    common.check_made_by(args.out + ".made_by.json", dict(settings, **common.model_stamp(args)))
     if os.path.exists(f"{args.out}.rank{rank}.done"):
         os.remove(f"{args.out}.rank{rank}.done")
     done = finished_ids(args.out)
     mine = [rec for i, rec in enumerate(records) if i % world == rank and rec["id"] not in done]
-    out_path = shard_path(args.out, rank, world)
     errors_path = (out_path[:-len(".jsonl")] if world > 1 else out_path) + ".errors.jsonl"
     stats = {"questions": 0, "candidates": 0, "unparsable_box": 0, "random_box": 0, "dropped": 0,
              "judge_failed": 0, "judge_unparsable": 0}

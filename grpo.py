@@ -58,13 +58,14 @@ RECORD_FIELDS = ("solution", "answer", "bbox", "width", "height", "resized_hw")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     g = parser.add_argument_group("data and task")
     g.add_argument("--data", required=True, help="prompts: our records or Visual-RFT records (JSONL)")
     g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
     g.add_argument("--eval_data", default=None, help="held-out prompts: greedy rollouts scored at start, end and "
                                                      "every --eval_steps")
-    g.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at the start and end)")
+    g.add_argument("--eval_steps", type=common.COUNT, default=0,
+                   help="evaluate every N steps (0: at the start and end)")
     g.add_argument("--task", default="focus", choices=TASKS, help="what a rollout is and which rewards apply")
     g.add_argument("--rewards", default=None, help="comma-separated reward functions (default: the task's)")
     g.add_argument("--reward_weights", default=None, help="comma-separated weights (default: all 1)")
@@ -72,13 +73,18 @@ def parse_args(argv=None):
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     r = parser.add_argument_group("GRPO")
-    r.add_argument("--num_generations", type=int, default=8, help="G: completions per prompt")
-    r.add_argument("--max_new_tokens", type=int, default=256, help="completion tokens per step")
-    r.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also in the log-probs)")
-    r.add_argument("--beta", type=float, default=0.04, help="KL weight; 0 loads no reference model")
-    r.add_argument("--epsilon", type=float, default=0.2, help="ratio clip: lower bound 1 - epsilon")
-    r.add_argument("--epsilon_high", type=float, default=None, help="upper bound 1 + this (default: --epsilon)")
-    r.add_argument("--num_iterations", type=int, default=1, help="optimizer updates per generated batch")
+    r.add_argument("--num_generations", type=common.bounded(int, 2), default=8,
+                   help="G: completions per prompt (at least 2: a group of one has no advantage)")
+    r.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=256, help="completion tokens per step")
+    r.add_argument("--temperature", type=common.POSITIVE, default=1.0,
+                   help="sampling temperature (also in the log-probs)")
+    r.add_argument("--beta", type=common.NONNEGATIVE, default=0.04, help="KL weight; 0 loads no reference model")
+    r.add_argument("--epsilon", type=common.bounded(float, 0, 1, open_low=True, open_high=True), default=0.2,
+                   help="ratio clip: lower bound 1 - epsilon")
+    r.add_argument("--epsilon_high", type=common.POSITIVE, default=None,
+                   help="upper bound 1 + this (default: --epsilon)")
+    r.add_argument("--num_iterations", type=common.POSITIVE_INT, default=1,
+                   help="optimizer updates per generated batch")
     r.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
                    help="divide centred rewards by the group's std, the batch's, or nothing (Dr. GRPO)")
     r.add_argument("--loss_aggregation", default="seq-mean-token-mean", choices=AGGREGATIONS, help="loss normaliser")
@@ -89,8 +95,9 @@ def parse_args(argv=None):
     r.add_argument("--ref_model", default=None, help="--reference model: its directory (default: the starting model)")
     r.add_argument("--merge_for_generation", action=argparse.BooleanOptionalAction, default=True,
                    help="LoRA: fold the adapter into the weights while generating (restored exactly after)")
-    r.add_argument("--sample_steps", type=int, default=10, help="write one group's completions every N steps")
-    r.add_argument("--eval_batch_size", type=int, default=32, help="prompts per generate call when evaluating")
+    r.add_argument("--sample_steps", type=common.COUNT, default=10, help="write one group's completions every N steps")
+    r.add_argument("--eval_batch_size", type=common.POSITIVE_INT, default=32,
+                   help="prompts per generate call when evaluating")
     common.add_model_args(parser)
     common.add_finetune_args(parser)
     common.add_runtime_args(parser)
@@ -100,8 +107,11 @@ def parse_args(argv=None):
     unknown = [n for n in args.rewards if n not in REWARDS]
     if unknown:
         parser.error(f"unknown reward(s) {unknown}; choose from {sorted(REWARDS)}")
-    args.reward_weights = [float(w) for w in args.reward_weights.split(",")] if args.reward_weights else \
-        [1.0] * len(args.rewards)
+    try:
+        args.reward_weights = [common.finite_number(float(w), "--reward_weights", "each weight")
+                               for w in (args.reward_weights or ",".join(["1"] * len(args.rewards))).split(",")]
+    except (ValueError, common.DataError) as e:
+        parser.error(f"--reward_weights takes comma-separated finite numbers ({e})")
     if len(args.reward_weights) != len(args.rewards):
         parser.error(f"{len(args.reward_weights)} --reward_weights for {len(args.rewards)} --rewards")
     if args.epsilon_high is None:
@@ -111,8 +121,6 @@ def parse_args(argv=None):
     if args.beta and args.reference == "adapter_disabled" and (args.adapter or args.finetune != "lora"):
         parser.error("--reference adapter_disabled needs a new LoRA on the starting model (with --adapter it would "
                      "be the base, not the model this stage starts from: merge the adapter first)")
-    if args.num_generations < 2:
-        parser.error("--num_generations must be >= 2: a group of one has no advantage")
     return args
 
 
@@ -311,11 +319,12 @@ REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence":
 # ------------------------------------------------------------------------------------------------ data
 
 def read_prompts(path, image_root, task):
-    """Prompt records, checked for what the task's rewards need; errors name file and line."""
+    """Prompt records, checked for what the task's rewards need, ids unique, every image decoded and checked
+    against its record (common.check_images); errors name file and line, or the record."""
     need = {"detection": ("solution",), "classification": ("solution", "answer"),
             "grounding": ("bbox", "solution"), "focus": ("answer", "solution")}[task]
-    prompts = []
-    for lineno, rec in common.iter_jsonl(path):
+    prompts, seen = [], {}
+    for lineno, rec in common.input_rows(path, "prompts"):
         where = f"{path}:{lineno}"
         text = rec.get("problem") if "problem" in rec else rec.get("question")
         if not isinstance(rec.get("image"), str) or not isinstance(text, str) or not text.strip():
@@ -325,8 +334,10 @@ def read_prompts(path, image_root, task):
         if rec.get("bbox") is not None:
             common.validate_record(dict(rec, question=text, answer="-", id=str(rec.get("id", lineno))), where)
         rec = dict(rec, id=str(rec.get("id", f"line{lineno}")))
-        rec["width"], rec["height"] = common.image_size(rec, image_root)
+        common.check_unique(seen, rec["id"], where)
         prompts.append({"rec": rec, "text": text, "raw": "problem" in rec})
+    for p, (w, h) in zip(prompts, common.check_images([p["rec"] for p in prompts], image_root)):
+        p["rec"]["width"], p["rec"]["height"] = w, h
     return prompts
 
 
@@ -552,9 +563,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
+    common.check_model_args(args)
     rt = Runtime(args)
-    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
-    samples = common.MetricsLog(os.path.join(args.output_dir, "samples.jsonl"), rt.is_main)
     processor = common.load_processor(args.model)
     prompts = read_prompts(args.data, args.image_root, args.task)
     eval_prompts = read_prompts(args.eval_data, args.image_root, args.task) if args.eval_data else []
@@ -565,6 +575,9 @@ def main(argv=None):
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(prompts), args, rt.world, "prompts")
 
     ckpt = common.resolve_resume(args) if args.resume else None
+    common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
+    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
+    samples = common.MetricsLog(os.path.join(args.output_dir, "samples.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)
     trainable, total = common.count_params(model)
     reuse_features = not any(p.requires_grad for n, p in model.named_parameters() if common.is_vision_param(n))
@@ -575,10 +588,7 @@ def main(argv=None):
     if args.beta and args.reference == "model":
         ref_model = rt.frozen(common.load_model(args.ref_model or args.model, common.resolve_dtype(args.dtype),
                                                 args.attn, adapter=None if args.ref_model else args.adapter))
-    start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
-    if ckpt:  # the killed run's lines after the checkpoint are redone: drop them
-        log.rewind(start_step)
-        samples.rewind(start_step)
+    start_step = common.start_step(rt, ckpt, log, samples)
     if rt.is_main:
         print(f"grpo: task {args.task}, rewards {dict(zip(args.rewards, args.reward_weights))}, {len(prompts)} "
               f"prompts, {len(eval_prompts)} held out, {total_steps} steps of {global_batch} prompts x {G}, "

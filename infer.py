@@ -16,7 +16,6 @@ The endpoint serves `POST /v1/chat/completions` and `GET /v1/models`. Model `<na
 answer as the message content plus the box under `focus`. Images come as base64 `data:` URLs, or as local
 paths only under --image_dir; remote URLs are never fetched. It binds to 127.0.0.1 unless told otherwise.
 """
-import argparse
 import base64
 import binascii
 import io
@@ -37,7 +36,7 @@ MODES = ("chain", "focus", "direct", "gt_box")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     common.add_model_args(parser)
     g = parser.add_argument_group("inference")
     g.add_argument("--data", default=None, help="records to answer (JSONL; id, image, question, optional bbox)")
@@ -49,19 +48,30 @@ def parse_args(argv=None):
                    help="chain, focus (box only), direct (no box) or gt_box (annotated crop)")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
-    g.add_argument("--batch_size", type=int, default=16, help="records per generate call")
-    g.add_argument("--max_new_tokens", type=int, default=64, help="tokens per step")
+    g.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
+    g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
     g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do_sample)")
+    g.add_argument("--temperature", type=common.POSITIVE, default=1.0, help="sampling temperature (with --do_sample)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--max_pixels", type=common.POSITIVE_INT, default=None,
+                   help="the processor's largest resized image in pixels (default: the checkpoint's own)")
     s = parser.add_argument_group("server")
     s.add_argument("--serve", action="store_true", help="serve an OpenAI-compatible endpoint instead")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    s.add_argument("--port", type=common.bounded(int, 0, 65535), default=8000,
+                   help="port (0: any free port, printed at start)")
     s.add_argument("--served_name", default=None, help="model name in the API (default: the model directory's name)")
     s.add_argument("--image_dir", default=None, help="allow image paths under this directory (default: none)")
-    s.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body accepted")
-    s.add_argument("--max_tokens_limit", type=int, default=2048, help="largest max_tokens a request may ask for")
+    s.add_argument("--max_body_mb", type=common.POSITIVE, default=20.0, help="largest request body accepted")
+    s.add_argument("--max_tokens_limit", type=common.POSITIVE_INT, default=2048,
+                   help="largest max_tokens a request may ask for")
+    s.add_argument("--max_image_pixels", type=common.POSITIVE_INT, default=4096 * 4096,
+                   help="largest image (width x height) a request may send; checked from its header, before decoding")
+    s.add_argument("--max_generate_s", type=common.POSITIVE, default=120.0,
+                   help="seconds one generate call of a request may run; its completions stop there (finish_reason "
+                        "'length')")
+    s.add_argument("--read_timeout", type=common.POSITIVE, default=30.0,
+                   help="seconds a client may take to send a request's headers, and its whole body")
     args = parser.parse_args(argv)
     if not args.serve and not args.data and not args.image:
         parser.error("give --data (with --out), --image with --question, or --serve")
@@ -75,7 +85,7 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------- the chain
 
 def run_batch(model, processor, records, images, mode="chain", box_format="viscot", prompt_set="visrl",
-              max_new_tokens=64, do_sample=False, temperature=1.0):
+              max_new_tokens=64, do_sample=False, temperature=1.0, max_time=None):
     """One output row per record. `images` are the records' full images (PIL), decoded once; each goes
     through the vision tower once, and both steps use its features. Timings are the step's batch time
     divided by the batch size (the full images' encode counts to the first step)."""
@@ -84,7 +94,7 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
              "crop": None} for rec in records]
     for row, rec in zip(rows, records):
         row.update({k: rec[k] for k in ("question_id", "dataset") if k in rec})
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, max_time=max_time)
     t = time.time()
     full = common.image_features(model, processor, images)
 
@@ -139,14 +149,20 @@ def step(model, processor, examples, images, features, gen):
             for text, r in zip(texts, results)]
 
 
-def run_file(model, processor, records, image_root, out_path, batch_size=16, show_progress=True, **chain_kw):
-    """Answer every record not yet in out_path, appending one line per record as each batch finishes.
+def run_file(model, processor, records, image_root, out_path, batch_size=16, show_progress=True, made_by=None,
+             **chain_kw):
+    """Answer every record not yet in out_path, appending one line per record as each batch finishes; a
+    second run on the same out_path is refused while this one lives (it would answer every record twice), and
+    so is a rerun with other weights or settings (`made_by`, stamped next to the file: the rows would mix).
     Returns (rows written now, rows already there, records whose image failed to load)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    common.hold_lock(out_path + ".lock", f"output {out_path}")
+    if made_by:
+        common.check_made_by(out_path + ".made_by.json", made_by)
     done = {row.get("id") for row in common.resume_jsonl(out_path)}
     todo = [rec for rec in records if rec["id"] not in done]
     errors_path = out_path + ".errors.jsonl"
     written, errors = 0, []
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with open(out_path, "a", encoding="utf-8") as out, \
             common.progress(total=len(todo), enabled=show_progress, desc="infer", unit="rec") as bar:
         for start in range(0, len(todo), batch_size):
@@ -175,8 +191,10 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def decode_image(url, image_dir):
-    """A PIL image from a data: URL, or from a path under image_dir; nothing else (no remote fetch)."""
+def decode_image(url, image_dir, max_pixels=4096 * 4096):
+    """A PIL image from a data: URL, or from a path under image_dir; nothing else (no remote fetch). Its size
+    is read from the header and refused above max_pixels before any pixel is decoded: a small PNG can
+    declare 12000 x 12000 pixels, and decoding and resizing it holds the model for half a minute."""
     if not isinstance(url, str) or not url:
         raise RequestError(400, "image_url.url must be a non-empty string", "messages")
     if url.startswith("data:"):
@@ -207,12 +225,15 @@ def decode_image(url, image_dir):
         source = full
     try:
         with Image.open(source) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise RequestError(413, f"image of {im.size[0]}x{im.size[1]} pixels exceeds the server's "
+                                        f"--max_image_pixels ({max_pixels})", "messages")
             return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except common.IMAGE_ERRORS as e:
         raise RequestError(400, f"cannot decode image: {e}", "messages") from None
 
 
-def chat_to_messages(messages, image_dir):
+def chat_to_messages(messages, image_dir, max_pixels=4096 * 4096):
     """OpenAI chat messages -> (chat-template messages, images in order)."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
@@ -229,7 +250,7 @@ def chat_to_messages(messages, image_dir):
                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
                     parts.append({"type": "text", "text": p["text"]})
                 elif isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
-                    images.append(decode_image(p["image_url"].get("url"), image_dir))
+                    images.append(decode_image(p["image_url"].get("url"), image_dir, max_pixels))
                     parts.append({"type": "image"})
                 else:
                     raise RequestError(400, f"messages[{i}]: content parts must be text or image_url", "messages")
@@ -273,8 +294,9 @@ class Server:
             raise RequestError(400, f"'max_tokens' must be an integer in 1..{self.args.max_tokens_limit}", "max_tokens")
         if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
-        messages, images = chat_to_messages(body.get("messages"), self.args.image_dir)
-        gen = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0)
+        messages, images = chat_to_messages(body.get("messages"), self.args.image_dir, self.args.max_image_pixels)
+        gen = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+                   max_time=self.args.max_generate_s)
         rid = "chatcmpl-" + uuid.uuid4().hex
         with self.lock, torch.no_grad():
             if body["model"].endswith("-two-step"):
@@ -318,6 +340,7 @@ def make_handler(server):
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = server.args.read_timeout  # per read of the request line and headers (http.server closes on it)
 
         def _send(self, status, payload):
             data = json.dumps(payload).encode()
@@ -343,6 +366,27 @@ def make_handler(server):
                     length -= len(chunk)
             except OSError:
                 pass
+
+        def _read_body(self, length):
+            """The body, or None when it does not arrive within --read_timeout in all: a client that sends
+            less than its Content-Length, or trickles it, must not hold a connection and a thread forever."""
+            deadline, parts = time.monotonic() + server.args.read_timeout, []
+            try:
+                while length > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self.connection.settimeout(left)
+                    chunk = self.rfile.read1(min(length, 1 << 16))
+                    if not chunk:
+                        return None
+                    parts.append(chunk)
+                    length -= len(chunk)
+            except OSError:  # socket.timeout is one
+                return None
+            finally:
+                self.connection.settimeout(server.args.read_timeout)
+            return b"".join(parts)
 
         def _error(self, status, message, param=None):
             kind = "invalid_request_error" if status < 500 else "server_error"
@@ -375,8 +419,14 @@ def make_handler(server):
                 self._error(413, f"request body of {length} bytes exceeds --max_body_mb ({max_body} bytes)")
                 self._discard_body(length)
                 return
+            raw = self._read_body(length)
+            if raw is None:
+                self.close_connection = True
+                self._error(408, f"the request body ({length} bytes by its Content-Length) did not arrive within "
+                                 f"--read_timeout ({server.args.read_timeout:g} s)")
+                return
             try:
-                body = json.loads(self.rfile.read(length))
+                body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
                 self._error(400, f"request body is not valid JSON: {e}")
                 return
@@ -411,7 +461,11 @@ def serve(model, processor, args):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    records = common.read_records(args.data, need_answer=False) if args.data else None
+    common.check_model_args(args)
     processor = common.load_processor(args.model)
+    if args.max_pixels:
+        processor.image_processor.size["longest_edge"] = args.max_pixels
     model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
     if torch.cuda.is_available():
         model.cuda()
@@ -425,9 +479,10 @@ def main(argv=None):
         print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))
         return
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    records = common.read_records(args.data, need_answer=False)
+    made_by = dict(common.model_stamp(args), **chain_kw, seed=args.seed, max_pixels=args.max_pixels)
     t = time.time()
-    written, skipped, errors = run_file(model, processor, records, image_root, args.out, args.batch_size, **chain_kw)
+    written, skipped, errors = run_file(model, processor, records, image_root, args.out, args.batch_size,
+                                        made_by=made_by, **chain_kw)
     dt = time.time() - t
     print(f"infer.py: {written} records answered in {dt:.1f}s ({written / max(dt, 1e-9):.2f} rec/s), "
           f"{skipped} already done, {len(errors)} image errors"

@@ -9,12 +9,16 @@ adapter model's within --tolerance (relative to the largest logit), and the save
 gives the logits of the in-memory merged model. It refuses an adapter trained on a different base: the
 adapter's recorded base fingerprint (adapter_base.json, written by our stages) must match --model's
 weights, and every adapter tensor must find its layer, with its shape, in --model.
+
+--out is a new or empty directory, or one that merge.py wrote (it leaves merge.json there) and --overwrite
+replaces; it never deletes files it did not write. The checkpoint is written next to --out and renamed into
+place, so a kill leaves either the old directory or the new one.
 """
-import argparse
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -25,13 +29,14 @@ import common
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--model", required=True, help="base model directory the adapter was trained on")
     parser.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
     parser.add_argument("--out", required=True, help="output directory for the merged checkpoint")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="dtype to save in; auto = the base checkpoint's own dtype")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge.py output in --out")
+    parser.add_argument("--tolerance", type=common.POSITIVE, default=1e-4,
                         help="largest allowed |logit difference| / max |logit| between adapter and merged model")
     parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
     return parser.parse_args(argv)
@@ -41,22 +46,30 @@ def fail(message):
     raise SystemExit(f"merge.py: error: {message}")
 
 
+MARKER = "merge.json"  # what merge.py leaves in --out: its inputs, and the sign that it may replace the directory
+
+
+def check_out(args):
+    """--out must be new, empty, or an earlier merge.py output that --overwrite replaces."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        fail(f"--out {args.out} is a file, not a directory")
+    if not os.path.isdir(args.out) or not os.listdir(args.out):
+        return
+    if not os.path.exists(os.path.join(args.out, MARKER)):
+        fail(f"--out {args.out} holds files merge.py did not write; give a new or empty directory")
+    if not args.overwrite:
+        fail(f"--out {args.out} holds an earlier merge; --overwrite replaces it")
+
+
 def check_base(args):
     """Refuse an adapter recorded as trained on other weights than --model's."""
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
         fail(f"{args.adapter} is not a PEFT adapter directory (no adapter_config.json)")
-    record = os.path.join(args.adapter, "adapter_base.json")
-    if not os.path.exists(record):
+    common.check_model_path(args.model)
+    if not os.path.exists(os.path.join(args.adapter, "adapter_base.json")):
         print(f"merge.py: {args.adapter} does not record its base (not written by our stages): "
               "checking layer names and shapes only", file=sys.stderr)
-        return
-    with open(record) as f:
-        recorded = json.load(f)
-    actual = common.weights_fingerprint(args.model)
-    if actual != recorded["fingerprint"]:
-        fail(f"the adapter was trained on {recorded['base_model']} (weights fingerprint {recorded['fingerprint']}), "
-             f"but --model {args.model} has other weights (fingerprint {actual}). Merge it onto the model it was "
-             "trained from; a stage started from a merged checkpoint has that checkpoint as its base.")
+    common.check_adapter_base(args.adapter, args.model)
 
 
 def load_adapter_model(args):
@@ -111,6 +124,7 @@ def relative_diff(a, b):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
+    check_out(args)
     check_base(args)
     has_processor = any(os.path.exists(os.path.join(args.adapter, f))
                         for f in ("processor_config.json", "preprocessor_config.json"))
@@ -129,13 +143,22 @@ def main(argv=None):
 
     dtype = common.resolve_dtype(args.dtype) if args.dtype != "auto" else checkpoint_dtype(args.model)
     merged = merged.to(dtype)
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
-    processor.save_pretrained(tmp)
-    processor.image_processor.save_pretrained(tmp)
-    shutil.rmtree(args.out, ignore_errors=True)
-    os.replace(tmp, args.out)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))  # a name no one else has
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        processor.save_pretrained(tmp)
+        processor.image_processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"model": args.model, "adapter": args.adapter, "dtype": str(dtype).replace("torch.", "")}, f,
+                      indent=1)
+        check_out(args)  # again: something may have appeared in --out meanwhile
+        if os.path.isdir(out):
+            shutil.rmtree(out)  # empty, or merge.py's own (check_out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     reloaded = common.load_model(args.out, dtype).eval()
     reload_diff = relative_diff(logits(merged, batch), logits(reloaded, batch))
@@ -147,4 +170,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as e:
+        fail(e)

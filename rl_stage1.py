@@ -23,7 +23,6 @@ base, not the model the stage starts from, and is refused.
 Each distinct image goes through the vision tower once per micro-batch: the full image serves the chosen
 and rejected sequences (and, in stage 2, both answers), the crop both answers.
 """
-import argparse
 import hashlib
 import math
 import os
@@ -40,23 +39,29 @@ KINDS = ("box", "answer")
 
 
 def parse_args(argv=None, **stage_defaults):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="pairs from filter_pairs.py (JSONL)")
     g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
     g.add_argument("--eval_data", default=None, help="held-out pairs (default: --eval_fraction of --data)")
-    g.add_argument("--eval_fraction", type=float, default=0.05, help="pairs held out when --eval_data is not given")
-    g.add_argument("--eval_steps", type=int, default=0, help="evaluate every N steps (0: at the start and end)")
+    g.add_argument("--eval_fraction", type=common.bounded(float, 0, 1, open_high=True), default=0.05,
+                   help="pairs held out when --eval_data is not given")
+    g.add_argument("--eval_steps", type=common.COUNT, default=0,
+                   help="evaluate every N steps (0: at the start and end)")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
-    g.add_argument("--cutoff_len", type=int, default=4096, help="longest sequence; longer pairs are skipped")
+    g.add_argument("--cutoff_len", type=common.POSITIVE_INT, default=4096,
+                   help="longest sequence; longer pairs are skipped")
     d = parser.add_argument_group("preference loss")
     d.add_argument("--loss", default="sigmoid", choices=LOSSES, help="DPO loss")
-    d.add_argument("--beta", type=float, default=0.1, help="DPO beta (IPO: its tau)")
-    d.add_argument("--label_smoothing", type=float, default=0.0,
+    d.add_argument("--beta", type=common.POSITIVE, default=0.1, help="DPO beta (IPO: its tau)")
+    d.add_argument("--label_smoothing", type=common.bounded(float, 0, 0.5, open_high=True), default=0.0,
                    help="sigmoid: conservative DPO's label noise; robust: its epsilon")
-    d.add_argument("--sft_weight", type=float, default=0.0, help="weight of the chosen responses' token NLL")
-    d.add_argument("--box_weight", type=float, default=1.0, help="lambda_B: weight of the focus-step DPO term")
-    d.add_argument("--answer_weight", type=float, default=0.0, help="lambda_R: weight of the answer-step DPO term")
+    d.add_argument("--sft_weight", type=common.NONNEGATIVE, default=0.0,
+                   help="weight of the chosen responses' token NLL")
+    d.add_argument("--box_weight", type=common.NONNEGATIVE, default=1.0,
+                   help="lambda_B: weight of the focus-step DPO term")
+    d.add_argument("--answer_weight", type=common.NONNEGATIVE, default=0.0,
+                   help="lambda_R: weight of the answer-step DPO term")
     d.add_argument("--reference", default="precomputed", choices=["precomputed", "model", "adapter_disabled"],
                    help="where reference log-probs come from")
     d.add_argument("--ref_model", default=None, help="--reference model: its directory (default: the starting model)")
@@ -69,8 +74,8 @@ def parse_args(argv=None, **stage_defaults):
         parser.error("--reference adapter_disabled with " + ("--adapter: the adapter-disabled model is the base, not "
                      "the model this stage starts from. Merge the adapter first (merge.py) and start from the "
                      "merged checkpoint" if args.adapter else "full fine-tuning: there is no adapter to disable"))
-    if args.box_weight < 0 or args.answer_weight < 0 or args.box_weight + args.answer_weight == 0:
-        parser.error("--box_weight and --answer_weight must be >= 0, and not both 0")
+    if args.box_weight + args.answer_weight == 0:
+        parser.error("--box_weight and --answer_weight must not both be 0")
     return args
 
 
@@ -102,18 +107,24 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, n_chosen,
 
 def read_pairs(path, image_root, processor, args, need_answers):
     """Pairs as units: (pair, kind) with the chosen/rejected Examples of that step. A pair whose rejected
-    answer is missing (its box did not parse) gives no answer unit; one too long is skipped, counted."""
-    units, skipped = [], {"too_long": 0, "no_answer_pair": 0}
-    for lineno, p in common.iter_jsonl(path):
+    answer is missing (its box did not parse) gives no answer unit; one too long is skipped, counted. Ids are
+    unique (each keys its reference log-probs), every image is decoded and checked (common.check_images), and
+    the chosen crop lies inside it, before any model work."""
+    pairs, seen = [], {}
+    for lineno, p in common.input_rows(path, "pairs"):
         where = f"{path}:{lineno}"
         for key in ("id", "image", "question", "chosen_box_text", "rejected_box_text"):
             if not isinstance(p.get(key), str):
                 raise common.DataError(f"{where}: field '{key}' must be a string (a filter_pairs.py line)")
-        w, h = common.image_size(p, image_root)
+        common.check_unique(seen, p["id"], where)
+        pairs.append((where, p))
+    units, skipped = [], {"too_long": 0, "no_answer_pair": 0}
+    for (where, p), (w, h) in zip(pairs, common.check_images([p for _, p in pairs], image_root)):
         kinds = ["box"] if args.box_weight > 0 else []
         if need_answers:
             if isinstance(p.get("chosen_answer"), str) and isinstance(p.get("rejected_answer"), str) \
                     and p.get("chosen_crop"):
+                common.check_box(p["chosen_crop"], f"{where}: chosen_crop", w, h)
                 kinds.append("answer")
             else:
                 skipped["no_answer_pair"] += 1
@@ -171,8 +182,7 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     Each rank computes its share; ranks run the same number of forwards (ZeRO-3 needs them in step)."""
     path = os.path.join(args.output_dir, "reference_logps.jsonl")
     common.check_made_by(path[:-len(".jsonl")] + ".made_by.json", {
-        "model": args.model, "weights": common.weights_fingerprint(args.model), "adapter": args.adapter,
-        "adapter_weights": common.adapter_fingerprint(args.adapter), "data": common.file_fingerprint(args.data),
+        **common.model_stamp(args), "data": common.file_fingerprint(args.data),
         "eval_data": common.file_fingerprint(args.eval_data) if args.eval_data else None,
         "prompt_set": args.prompt_set})
     rt.barrier()
@@ -288,18 +298,24 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     args = parse_args(argv, **stage_defaults)
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
+    common.check_model_args(args)
     rt = Runtime(args)
-    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     processor = common.load_processor(args.model)
     need_answers = args.answer_weight > 0
     units, skipped = read_pairs(args.data, args.image_root, processor, args, need_answers)
     train_units, eval_units = split_eval(units, args)
     if args.eval_data:
         eval_units, _ = read_pairs(args.eval_data, args.image_root, processor, args, need_answers)
+        shared = sorted({u["pair"]["id"] for u in eval_units} & {u["pair"]["id"] for u in train_units})
+        if shared:  # each id keys one row of reference log-probs
+            raise common.DataError(f"{args.eval_data}: pair id {shared[0]!r} is also in {args.data} "
+                                   f"({len(shared)} shared ids); held-out pairs need ids of their own")
     pairs = group_by_pair(train_units)
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(pairs), args, rt.world, "training pairs")
 
     ckpt = common.resolve_resume(args) if args.resume else None
+    common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
+    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)
     dtype = common.resolve_dtype(args.dtype)
     trainable, total = common.count_params(model)
@@ -310,7 +326,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
                                                 adapter=None if args.ref_model else args.adapter))
     ref = precompute_reference(rt, model, processor, train_units + eval_units, args, bool(ckpt)) \
         if args.reference == "precomputed" else None
-    start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
+    start_step = common.start_step(rt, ckpt, log)
     if rt.is_main:
         n_kind = {k: sum(u["kind"] == k for u in train_units) for k in KINDS}
         print(f"{stage}: {len(pairs)} training pairs ({n_kind}), {len(group_by_pair(eval_units))} held out, skipped "

@@ -13,26 +13,25 @@ divided by its number of label tokens, so 1 rank x 8 examples and 2 ranks x 4 gi
 Writes output_dir/metrics.jsonl, output_dir/checkpoint-N/ (model + exact training state) and
 output_dir/final/ (the trained model or adapter, a from_pretrained directory).
 """
-import argparse
 import os
 import time
 
 import torch
 
 import common
-from common import Example, Runtime, crop_box, box_to_text, image_size, smart_resize_hw
+from common import Example, Runtime, crop_box, box_to_text, smart_resize_hw
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = common.ArgumentParser(__doc__)
 g = parser.add_argument_group("data")
 g.add_argument("--data", required=True, help="training records (JSONL, our record format)")
 g.add_argument("--image_root", default=None, help="directory image paths are relative to (default: the data file's)")
 g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
 g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format (SPEC 3)")
-g.add_argument("--box_decimals", type=int, default=3, help="decimals of viscot/norm box text")
+g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of viscot/norm box text")
 g.add_argument("--steps", default="focus,answer", help="which of the two steps to train on")
-g.add_argument("--cutoff_len", type=int, default=4096,
+g.add_argument("--cutoff_len", type=common.POSITIVE_INT, default=4096,
                help="longest sequence; longer examples are skipped and counted, never truncated")
-g.add_argument("--num_workers", type=int, default=0, help="DataLoader workers that load and encode images")
+g.add_argument("--num_workers", type=common.COUNT, default=0, help="DataLoader workers that load and encode images")
 common.add_model_args(parser)
 common.add_finetune_args(parser)
 common.add_runtime_args(parser)
@@ -47,14 +46,13 @@ def kind_of(ex):
 
 
 def build_examples(records, processor, show_progress):
-    """Both steps of every record that has a box; over-long examples are skipped and counted."""
-    examples, skipped = [], {"no_bbox": 0, "too_long": 0}
+    """Both steps of every record that has a box; over-long examples are skipped and counted. Every image is
+    decoded and checked against its record first (common.check_images)."""
+    examples, skipped = [], {"no_bbox": sum(rec.get("bbox") is None for rec in records), "too_long": 0}
     steps = set(args.steps.split(","))
-    for rec in common.progress(records, show_progress, desc="examples"):
-        if rec.get("bbox") is None:
-            skipped["no_bbox"] += 1
-            continue
-        w, h = image_size(rec, args.image_root)
+    records = [rec for rec in records if rec.get("bbox") is not None]
+    sizes = common.check_images(records, args.image_root, show_progress)
+    for rec, (w, h) in zip(common.progress(records, show_progress, desc="examples"), sizes):
         resized = smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
         candidates = []
         if "focus" in steps:
@@ -76,18 +74,21 @@ def build_examples(records, processor, show_progress):
 def main():
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
+    common.check_model_args(args)
+    records = common.read_records(args.data)
     rt = Runtime(args)
-    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     processor = common.load_processor(args.model)
-    examples, skipped = build_examples(common.read_records(args.data), processor, rt.is_main)
+    examples, skipped = build_examples(records, processor, rt.is_main)
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(examples), args, rt.world, "examples")
 
     # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
     ckpt = common.resolve_resume(args) if args.resume else None
+    common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
+    log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)
     trainable, total = common.count_params(model)
     model = rt.setup(model, total_steps)
-    start_step = common.load_checkpoint(rt, ckpt)["step"] if ckpt else 0
+    start_step = common.start_step(rt, ckpt, log)
     if rt.is_main:
         print(f"sft: {len(examples)} examples ({skipped}), {total_steps} steps of {global_batch}, "
               f"{trainable / 1e6:.2f}M/{total / 1e6:.1f}M params trainable, world {rt.world}"

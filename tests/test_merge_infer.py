@@ -65,7 +65,7 @@ def test_merge_saves_in_requested_dtype(toy, adapter, tmp_path):
 
 
 def test_merge_refuses_another_base(toy, adapter, tmp_path):
-    with pytest.raises(SystemExit, match="the adapter was trained on .*qwen2-vl.*has other weights"):
+    with pytest.raises(common.DataError, match="--adapter .* was trained on .*qwen2-vl.*has other weights"):
         merge.main(["--model", str(toy / "qwen2.5-vl"), "--adapter", adapter, "--out", str(tmp_path / "m")])
     with pytest.raises(SystemExit, match="is not a PEFT adapter directory"):
         merge.main(["--model", str(toy / "qwen2-vl"), "--adapter", str(toy / "qwen2-vl"), "--out", str(tmp_path / "m")])

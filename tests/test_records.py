@@ -29,20 +29,59 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"bbox": [5, 2, 3, 4]}, r"r\.jsonl:2: record 'b': degenerate bbox"),
-    ({"bbox": [1, 2, 3, 2]}, r"degenerate bbox"),
-    ({"bbox": [1, 2, 3]}, r"bbox must be"),
+    ({"bbox": [5, 2, 3, 4]}, r"r\.jsonl:2: record 'b': bbox \[5, 2, 3, 4\] is degenerate"),
+    ({"bbox": [1, 2, 3, 2]}, r"is degenerate"),
+    ({"bbox": [1, 2, 3]}, r"bbox must be \[x1, y1, x2, y2\] finite numbers"),
     ({"bbox": [1, 2, float("nan"), 4]}, r"bbox must be"),
+    ({"bbox": [1, 2, True, 4]}, r"bbox must be"),
+    ({"bbox": [-5, 2, 3, 4]}, r"bbox \[-5, 2, 3, 4\] lies outside the image \(negative coordinates\)"),
+    ({"bbox": [1, 2, 300, 4], "width": 224, "height": 168}, r"bbox \[1, 2, 300, 4\] lies outside the 224x168 image"),
     ({"question": ""}, r"r\.jsonl:2: field 'question'"),
     ({"answer": None}, r"field 'answer'"),
     ({"width": -3}, r"width must be a positive integer"),
-    ({"id": "a"}, r"r\.jsonl:2: duplicate id 'a' \(first on line 1\)"),
+    ({"height": True}, r"height must be a positive integer"),
+    ({"id": "a"}, r"r\.jsonl:2: duplicate id 'a' \(first at .*r\.jsonl:1\)"),
 ])
 def test_invalid_records(tmp_path, change, message):
     bad = {**GOOD, "id": "b", **change}
     f = write(tmp_path / "r.jsonl", [json.dumps(GOOD), json.dumps(bad)])
     with pytest.raises(DataError, match=message):
         common.read_records(f)
+
+
+def test_a_box_may_touch_the_edge_within_a_pixel_of_rounding(tmp_path):
+    f = write(tmp_path / "r.jsonl", [json.dumps(dict(GOOD, bbox=[-0.5, 0, 224.6, 168], width=224, height=168))])
+    assert common.read_records(f)[0]["bbox"] == [-0.5, 0, 224.6, 168]
+
+
+def test_text_that_is_not_utf8_empty_files_and_byte_order_marks(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" +
+                                            json.dumps(dict(GOOD, id="b", question="caf\u00e9?")).encode("utf-8")
+                                            .replace(b"\\u00e9", b"\xe9") + b"\n")
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte b'\\xe9' at column"):
+        common.read_records(str(tmp_path / "latin1.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records \(the file is empty\)"):
+        common.read_records(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert common.read_records(str(tmp_path / "bom.jsonl"))[0]["id"] == "a"
+
+
+def test_records_are_checked_against_their_real_image(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (30, 20)).save(tmp_path / "x.png")
+    with pytest.raises(DataError, match=r"record 'a': width/height 40x20 disagree with its image .*x\.png' \(30x20\)"):
+        common.image_size(dict(GOOD, width=40, height=20), str(tmp_path))
+    with pytest.raises(DataError, match=r"record 'a': bbox \[1, 2, 33, 4\] lies outside the 30x20 image"):
+        common.load_image(dict(GOOD, bbox=[1, 2, 33, 4]), str(tmp_path))
+    # check_images decodes every file in full: a PNG cut short passes the header read, not the decode.
+    Image.new("RGB", (300, 200), "red").save(tmp_path / "big.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "big.png").read_bytes()[:200])
+    cut = dict(GOOD, id="cut", image="cut.png")
+    assert common.image_size(cut, str(tmp_path)) == (300, 200)
+    with pytest.raises(DataError, match=r"record 'cut': cannot load image .*cut\.png"):
+        common.check_images([GOOD, cut], str(tmp_path))
+    assert common.check_images([GOOD, GOOD], str(tmp_path)) == [(30, 20), (30, 20)]
 
 
 def test_detection_records_may_lack_answer(tmp_path):

@@ -4,6 +4,7 @@ replies equal in-process generation), and every rejection answered with its stat
 error, without hanging, without fetching anything remote, and without reading files outside --image_dir."""
 import base64
 import http.client
+import io
 import json
 import socket
 import threading
@@ -25,11 +26,11 @@ TWO_STEP = NAME + "-two-step"
 QUESTION = "What shape is the red object?"
 IMAGE = "images/train_00000.png"  # relative to --image_dir (the toy data directory)
 MAX_TOKENS = 8  # the model is random: a few tokens show the structure as well as many would
+MAX_IMAGE_PIXELS = 400 * 300  # the server's cap in these tests: the toy's 224 x 168 images are under it
 
 
-def start(model, processor, argv):
+def start(model, processor, args):
     """An in-process server on a free port, as `serve` builds it; returns (httpd, thread)."""
-    args = infer.parse_args(argv)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), infer.make_handler(infer.Server(model, processor, args)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -40,11 +41,13 @@ def start(model, processor, argv):
 def srv(toy):
     path = str(toy / NAME)
     model, processor = common.load_model(path).eval(), common.load_processor(path)
-    httpd, thread = start(model, processor, ["--serve", "--model", path, "--port", "0",
-                                             "--image_dir", str(toy / "data"), "--max_body_mb", "0.5"])
+    args = infer.parse_args(["--serve", "--model", path, "--port", "0", "--image_dir", str(toy / "data"),
+                             "--max_body_mb", "0.5", "--read_timeout", "3",
+                             "--max_image_pixels", str(MAX_IMAGE_PIXELS)])
+    httpd, thread = start(model, processor, args)
     with open(toy / "data" / IMAGE, "rb") as f:
         png = f.read()
-    yield SimpleNamespace(port=httpd.server_address[1], model=model, processor=processor, toy=toy,
+    yield SimpleNamespace(port=httpd.server_address[1], model=model, processor=processor, toy=toy, args=args,
                           image_url="data:image/png;base64," + base64.b64encode(png).decode(),
                           image=Image.open(toy / "data" / IMAGE).convert("RGB"))
     httpd.shutdown()
@@ -312,6 +315,61 @@ def test_keep_alive_after_an_error(srv):
             assert reply.status == expected and json.loads(reply.read())
     finally:
         conn.close()
+
+
+def png_claiming(width, height):
+    """A 100-byte PNG whose header says width x height: what a client can send to make a server decode
+    gigabytes (its pixels are missing, so only a reader that looks at the header first survives it)."""
+    import struct
+    import zlib
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
+def test_images_over_the_pixel_cap_are_refused_before_decoding(srv, client, monkeypatch):
+    """12000 x 12000 declared in 100 bytes: 413 from its header, no pixel decoded, with the openai client and
+    a raw request alike; an image under the cap is answered."""
+    huge, just_over = png_claiming(12000, 12000), png_claiming(401, 300)
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+            image_part(huge), text_part()]}], max_tokens=MAX_TOKENS)
+    assert e.value.status_code == 413 and "12000x12000" in e.value.message and "--max_image_pixels" in e.value.message
+    assert_error(*post(srv.port, chat([image_part(just_over), text_part()])), 413)
+    assert decoded == []
+    assert post(srv.port, chat([image_part(srv.image_url), text_part()]))[0] == 200
+
+
+def test_generation_stops_at_max_generate_s(srv, client, monkeypatch):
+    """A request's generation is bounded in time as well as in tokens: past --max_generate_s it stops, and
+    says so (finish_reason 'length'). A bound of a microsecond stops after the first token."""
+    monkeypatch.setattr(srv.args, "max_generate_s", 1e-6)
+    reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                           temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 1
+
+
+def test_a_body_shorter_than_its_content_length_times_out(srv):
+    """--read_timeout (3 s here) bounds the whole body: a client that sends less than it announced, or
+    trickles it, gets 408 and the connection back, instead of holding a thread forever; the server goes on."""
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    assert raw_exchange(srv.port, head + b'{"model": ', timeout=60).startswith(b"HTTP/1.1 408")
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+        s.sendall(head)
+        for _ in range(30):  # 1 byte every 0.2 s: each read is quick, the whole body would take 20 s
+            try:
+                s.sendall(b" ")
+            except OSError:  # the server answered and closed meanwhile
+                break
+            time.sleep(0.2)
+        assert s.recv(4096).startswith(b"HTTP/1.1 408")
+    assert request(srv.port, "GET", "/health") == (200, {"status": "ok"})
 
 
 # ------------------------------------------------------------------------------------------------ binding

@@ -23,14 +23,11 @@ def sft_args(toy, out, *extra, data=None):
 
 
 def losses(out):
-    """step -> loss, the last line written for a step winning (a resumed run rewrites the steps after the
-    checkpoint it resumed from)."""
-    by_step = {}
+    """step -> loss; one line per step (a resumed run drops the killed run's lines after its checkpoint)."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            by_step[row["step"]] = row["loss"]
-    return by_step
+        rows = [json.loads(line) for line in f]
+    assert len({row["step"] for row in rows}) == len(rows), [row["step"] for row in rows]
+    return {row["step"]: row["loss"] for row in rows}
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +85,11 @@ def test_lora_under_zero3_matches_single_process(toy, tmp_path):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
 
 
+def steps_logged(out, n):
+    path = out / "metrics.jsonl"
+    return path.exists() and path.read_bytes().count(b"\n") >= n
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune):
     extra = ["--max_steps", "12", "--batch_size", "4", "--finetune", finetune, "--lora_dropout", "0.1",
@@ -98,7 +100,8 @@ def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune):
     p = subprocess.Popen([PY, *sft_args(toy, interrupted, *extra)], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (interrupted / "checkpoint-3").exists() and p.poll() is None and time.time() < deadline:
+    # Killed once step 4's metrics line is written (after the step-3 checkpoint): the resumed run must drop it.
+    while not steps_logged(interrupted, 4) and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -118,24 +121,6 @@ def test_over_long_examples_are_skipped_and_counted(toy, tmp_path):
     m = re.search(r"sft: (\d+) examples \(\{'no_bbox': 0, 'too_long': (\d+)\}\)", p.stdout)
     kept, skipped = int(m.group(1)), int(m.group(2))
     assert kept + skipped == 128 and 64 <= skipped < 128
-
-
-@pytest.mark.parametrize("case", ["malformed", "missing_image", "degenerate_box"])
-def test_bad_input_fails_with_clear_errors(toy, tmp_path, case):
-    lines = (toy / "data" / "train.jsonl").read_text().splitlines()
-    record = json.loads(lines[0])
-    bad_line, message = {
-        "malformed": ('{"id": "x", "image": "images/nope.png"', ":4: not valid JSON"),
-        "missing_image": (json.dumps(dict(record, id="missing", image="images/nope.png")),
-                          "record 'missing': cannot load image"),
-        "degenerate_box": (json.dumps(dict(record, id="degenerate", bbox=[10, 10, 5, 20])),
-                           ":4: record 'degenerate': degenerate bbox"),
-    }[case]
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(lines[:3] + [bad_line] + lines[3:]) + "\n")
-    p = subprocess.run([PY, *sft_args(toy, tmp_path / "o", "--max_steps", "1", data=bad)], cwd=ROOT,
-                       capture_output=True, text=True)
-    assert p.returncode != 0 and message in p.stderr, p.stderr[-2000:]
 
 
 def test_qwen25_lora_checkpointing_adapter_loads(toy, tmp_path):

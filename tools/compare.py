@@ -9,7 +9,6 @@ from each report's per-item file (OUT.items.jsonl, next to the report); its stan
 standard deviation of those per-question differences over sqrt(n). Metrics: answer_score (the judge's
 score), box_acc (IoU > 0.5 with the annotated box) and miou (the IoU itself), where the protocol has them.
 """
-import argparse
 import json
 import math
 import os
@@ -60,7 +59,7 @@ def fmt_difference(result):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("reports", nargs="+", help="eval.py reports (JSON) of one protocol")
     parser.add_argument("--diff", nargs=2, action="append", default=[], metavar=("ROW", "BASELINE"),
                         help="a paired difference ROW - BASELINE, by report label (repeatable)")

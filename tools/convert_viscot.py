@@ -13,7 +13,6 @@ det: detection questions have no answer; records get answer "" (read them with n
 train: the box is the union of `bboxs` (what Visual-CoT trains on); image paths are bare file names, so
   --image_prefix puts them under the directory they live in.
 """
-import argparse
 import json
 import os
 import re
@@ -68,7 +67,7 @@ def convert_train(rows, prefix):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--format", required=True, choices=["benchmark", "det", "train"], help="input format")
     parser.add_argument("--input", required=True, help="Visual-CoT file")
     parser.add_argument("--out", required=True, help="output records (JSONL)")
