@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 import weakref
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -237,7 +238,8 @@ def check_images(records, image_root, show_progress=False):
 # One internal truth: pixel boxes [x1, y1, x2, y2] of the original image. Text formats only at the model's
 # boundary (SPEC section 3).
 
-BOX_FORMATS = ("viscot", "norm", "qwen2", "qwen25")
+BOX_FORMATS = ("viscot", "norm", "qwen2", "qwen25", "qwen3")
+BOX_FORMAT_CHOICES = BOX_FORMATS + ("native",)  # native: the model family's own (FAMILIES, resolve_box_format)
 _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
 _LIST4 = re.compile(rf"\[\s*\[?\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]?\s*\]", re.I)
 _PAIRS = re.compile(rf"\(\s*({_NUM})\s*,\s*({_NUM})\s*\)\s*,?\s*\(\s*({_NUM})\s*,\s*({_NUM})\s*\)", re.I)
@@ -274,6 +276,9 @@ def box_to_text(box, fmt, w, h, decimals=3, resized_hw=None):
         rh, rw = resized_hw
         q = [round(x1 * rw / w), round(y1 * rh / h), round(x2 * rw / w), round(y2 * rh / h)]
         return json.dumps({"bbox_2d": q})
+    elif fmt == "qwen3":  # Qwen3-VL / Qwen3.5: relative, 0..1000 per axis, as JSON
+        q = [min(1000, max(0, round(v))) for v in (x1 / w * 1000, y1 / h * 1000, x2 / w * 1000, y2 / h * 1000)]
+        return json.dumps({"bbox_2d": q})
     else:
         raise ValueError(f"unknown box format {fmt!r}; choose from {BOX_FORMATS}")
     vals = [min(1.0, max(0.0, v)) for v in vals]
@@ -289,7 +294,7 @@ def parse_box(text, fmt, w, h, resized_hw=None):
             m = _LIST4.search(text)
         elif fmt == "qwen2":
             m = _PAIRS.search(text)
-        elif fmt == "qwen25":
+        elif fmt in ("qwen25", "qwen3"):
             m = _BBOX2D.search(text) or _LIST4.search(text)
         else:
             return None
@@ -303,7 +308,7 @@ def parse_box(text, fmt, w, h, resized_hw=None):
             box = [v[0] * side - dx, v[1] * side - dy, v[2] * side - dx, v[3] * side - dy]
         elif fmt == "norm":
             box = [v[0] * w, v[1] * h, v[2] * w, v[3] * h]
-        elif fmt == "qwen2":
+        elif fmt in ("qwen2", "qwen3"):
             box = [v[0] / 1000 * w, v[1] / 1000 * h, v[2] / 1000 * w, v[3] / 1000 * h]
         else:
             rh, rw = resized_hw
@@ -670,6 +675,43 @@ def virft_coco_detections(text, width, height):
 # ------------------------------------------------------------------------------------ model and processor
 
 LM_ONLY_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
+# Qwen3.5's linear-attention layers have their own projections instead of q/k/v/o.
+LM_HYBRID_TARGETS = r".*language_model.*\.((q|k|v|o|gate|up|down)_proj|linear_attn\.(in_proj_\w+|out_proj))"
+
+
+class Family(NamedTuple):
+    """What differs between model families, in one place: a stage asks this table, never `if family == ...`."""
+    processor: str      # the transformers processor class (saved files name it; the CPU fallback builds it)
+    box_format: str     # the box text the family's released checkpoints ground in (SPEC 3)
+    pixels_per_token: int  # patch size x merge size: one merged vision token covers this many pixels a side
+    deepstack: bool     # intermediate vision layers feed the language model (VisionFeatures carries them)
+    lora_targets: str   # the language model's linear layers, LoRA's default targets
+    recurrent: bool     # linear-attention layers keep recurrent and convolution state instead of a KV cache
+
+
+FAMILIES = {  # by config.model_type
+    "qwen2_vl": Family("Qwen2VLProcessor", "qwen2", 28, False, LM_ONLY_TARGETS, False),
+    "qwen2_5_vl": Family("Qwen2_5_VLProcessor", "qwen25", 28, False, LM_ONLY_TARGETS, False),
+    "qwen3_vl": Family("Qwen3VLProcessor", "qwen3", 32, True, LM_ONLY_TARGETS, False),
+    "qwen3_5": Family("Qwen3VLProcessor", "qwen3", 32, False, LM_HYBRID_TARGETS, True),
+}
+
+
+def resolve_box_format(args):
+    """--box_format native: the box text the model's family grounds in (FAMILIES), read from its config."""
+    if args.box_format == "native":
+        from transformers import AutoConfig
+        with loading(args.model):
+            args.box_format = family_of(AutoConfig.from_pretrained(args.model)).box_format
+    return args.box_format
+
+
+def family_of(model_or_config):
+    """The FAMILIES entry of a model (PEFT-wrapped or not) or config; an unknown one is a one-line error."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if config.model_type not in FAMILIES:
+        raise DataError(f"model type {config.model_type!r} is not supported; families: {', '.join(FAMILIES)}")
+    return FAMILIES[config.model_type]
 
 
 def check_model_path(path, flag="--model"):
@@ -708,9 +750,10 @@ def _load_processor(path):
     try:
         processor = AutoProcessor.from_pretrained(path)
     except (ImportError, OSError):  # no torchvision; or a directory saved without a video processor
-        from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLProcessor
+        import transformers
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-        base = Qwen2_5_VLProcessor if processor_family(path) == "qwen2_5_vl" else Qwen2VLProcessor
+        base = getattr(transformers, processor_class(path))
 
         class ImageOnlyProcessor(base):
             def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -727,16 +770,17 @@ def _load_processor(path):
     return processor
 
 
-def processor_family(path):
-    """qwen2_vl or qwen2_5_vl, from the saved processor class (an adapter directory has no model config)."""
+def processor_class(path):
+    """The processor class a directory was saved with, else its model family's (an adapter directory has no
+    model config, but our stages save the processor with it)."""
     from transformers import AutoConfig
     for name in ("processor_config.json", "preprocessor_config.json"):
         if os.path.exists(os.path.join(path, name)):
             with open(os.path.join(path, name)) as f:
                 cls = json.load(f).get("processor_class") or ""
             if cls:
-                return "qwen2_5_vl" if "2_5" in cls else "qwen2_vl"
-    return AutoConfig.from_pretrained(path).model_type
+                return cls
+    return family_of(AutoConfig.from_pretrained(path)).processor
 
 
 def resolve_dtype(name):
@@ -746,7 +790,7 @@ def resolve_dtype(name):
 
 
 def load_model(path, dtype=torch.float32, attn="sdpa", adapter=None, adapter_trainable=False):
-    """Qwen2-VL / Qwen2.5-VL through the Auto class; optionally a PEFT adapter on top, refused when it records
+    """A FAMILIES model through the Auto class; optionally a PEFT adapter on top, refused when it records
     another base (check_adapter_base)."""
     from transformers import AutoModelForImageTextToText
     with loading(path):
@@ -821,7 +865,8 @@ POSITIVE, NONNEGATIVE, FRACTION = bounded(float, 0, open_low=True), bounded(floa
 
 def add_model_args(parser):
     g = parser.add_argument_group("model")
-    g.add_argument("--model", required=True, help="model directory (Qwen2-VL or Qwen2.5-VL, HF format)")
+    g.add_argument("--model", required=True,
+                   help="model directory or hub id (Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5; HF format)")
     g.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to load on top of --model")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights dtype; auto = bf16 on a GPU that has it, else fp32")
@@ -835,8 +880,9 @@ def add_finetune_args(parser):
     g.add_argument("--lora_r", type=POSITIVE_INT, default=8, help="LoRA rank")
     g.add_argument("--lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha")
     g.add_argument("--lora_dropout", type=bounded(float, 0, 1, open_high=True), default=0.0, help="LoRA dropout")
-    g.add_argument("--lora_targets", default=LM_ONLY_TARGETS,
-                   help="regex of module names that get LoRA (default: the language model's linear layers)")
+    g.add_argument("--lora_targets", default=None,
+                   help="regex of module names that get LoRA (default: the language model's linear layers, "
+                        "FAMILIES[...].lora_targets)")
     g.add_argument("--train_vision", action="store_true",
                    help="also train the vision tower (full fine-tuning); frozen by default")
     g.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations in backward")
@@ -849,9 +895,10 @@ def prepare_for_training(model, args):
         if not hasattr(model, "peft_config"):
             for p in model.parameters():
                 p.requires_grad_(False)
+            targets = args.lora_targets or family_of(model).lora_targets
             model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
                                                      lora_dropout=args.lora_dropout,
-                                                     target_modules=args.lora_targets, task_type="CAUSAL_LM"))
+                                                     target_modules=targets, task_type="CAUSAL_LM"))
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(args.train_vision or not is_vision_param(name))
@@ -1002,14 +1049,31 @@ def token_logprobs(model, batch, temperature=1.0, features=None):
 
 
 def _encoder_outputs(features):
+    """Per-image features (vision_features) as the model's forward takes them back (mm_encoder_outputs)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-    return BaseModelOutputWithPooling(pooler_output=list(features))
+    features = list(features)
+    out = BaseModelOutputWithPooling(pooler_output=[f.embeds for f in features])
+    if features and features[0].deepstack:  # one list per injected layer, each with one tensor per image
+        out["deepstack_features"] = [[f.deepstack[k] for f in features] for k in range(len(features[0].deepstack))]
+    return out
+
+
+class VisionFeatures(tuple):
+    """One image's vision features: its final embeddings (tokens, hidden) and, for families that inject
+    intermediate vision layers into the language model (Qwen3-VL's DeepStack), one tensor per such layer.
+    A sequence that shows the image takes both back; computed once, they serve every sequence."""
+
+    def __new__(cls, embeds, deepstack=()):
+        return super().__new__(cls, (embeds, tuple(deepstack)))
+
+    embeds = property(lambda self: self[0])
+    deepstack = property(lambda self: self[1])
 
 
 def vision_features(model, processor, images):
-    """The vision tower's output for each image (a list of (tokens, hidden) tensors), with gradients when the
-    vision tower trains. Computed once, it serves every sequence that shows the image; the same image object
-    given twice is encoded once."""
+    """The vision tower's output for each image (VisionFeatures), with gradients when the vision tower
+    trains. Computed once, it serves every sequence that shows the image; the same image object given
+    twice is encoded once."""
     if not images:
         return []
     unique = list({id(im): im for im in images}.values())
@@ -1018,7 +1082,9 @@ def vision_features(model, processor, images):
     dtype = next(base.parameters()).dtype
     out = base.get_image_features(pixels["pixel_values"].to(base.device, dtype),
                                   pixels["image_grid_thw"].to(base.device), return_dict=True)
-    by_id = dict(zip((id(im) for im in unique), out.pooler_output))
+    layers = getattr(out, "deepstack_features", None) or []  # each layer already split per image
+    per_image = [VisionFeatures(embeds, [layer[i] for layer in layers]) for i, embeds in enumerate(out.pooler_output)]
+    by_id = dict(zip((id(im) for im in unique), per_image))
     return [by_id[id(im)] for im in images]
 
 

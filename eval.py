@@ -80,7 +80,7 @@ def parse_args(argv=None):
                              "(Visual-RFT's published script, default) or strict")
     parser.add_argument("--match", default=None, choices=["virft", "exact"],
                         help="virft-cls: Visual-RFT's published substring rule (default) or exact, non-empty")
-    parser.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS,
+    parser.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                         help="grounding/chain: box text format of the predictions")
     j = parser.add_argument_group("answer judge (viscot-answer, chain)")
     j.add_argument("--judge", default="rule", choices=["rule", "http", "model"], help="who scores answers")
@@ -115,6 +115,8 @@ def parse_args(argv=None):
     args.match = args.match or ("virft" if args.protocol == "virft-cls" else None)
     if bool(args.model) == bool(args.predictions):
         parser.error("give either --predictions or --model")
+    if args.box_format == "native" and not args.model:
+        parser.error("--box_format native takes the format of --model's family: name the format of --predictions")
     if args.predictions and len(args.predictions) != len(args.questions):
         parser.error(f"{len(args.questions)} --questions files but {len(args.predictions)} --predictions files")
     if args.judge == "http" and not (args.judge_url and args.judge_model):
@@ -741,6 +743,7 @@ def main(argv=None):
     per_dataset, settings, items = {}, {}, []
     if args.model:
         common.check_model_args(args)
+        common.resolve_box_format(args)
         processor = common.load_processor(args.model)
         model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
         if torch.cuda.is_available():

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="records (JSONL: id, image, question, answer, optional bbox)")
     g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
     g.add_argument("--out", required=True, help="candidates JSONL (one line per question)")
-    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
+    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
+                   help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of a random box's text (viscot/norm)")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     g.add_argument("--attempts", type=common.POSITIVE_INT, default=3,
@@ -341,6 +342,7 @@ def main(argv=None):
     rng = random.Random(args.seed + rank)
     records = common.read_records(args.data)
     common.check_model_args(args)
+    common.resolve_box_format(args)
     out_path = shard_path(args.out, rank, world)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     common.hold_lock(out_path + ".lock", f"--out {out_path}")  # a second run on it would write every id twice

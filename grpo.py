@@ -70,7 +70,8 @@ def parse_args(argv=None):
     g.add_argument("--rewards", default=None, help="comma-separated reward functions (default: the task's)")
     g.add_argument("--reward_weights", default=None, help="comma-separated weights (default: all 1)")
     g.add_argument("--rule_metric", default="f1", choices=sorted(common.RULE_JUDGES), help="the answer reward's judge")
-    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
+    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
+                   help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     r = parser.add_argument_group("GRPO")
     r.add_argument("--num_generations", type=common.bounded(int, 2), default=8,
@@ -564,6 +565,7 @@ def main(argv=None):
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
     common.check_model_args(args)
+    common.resolve_box_format(args)
     rt = Runtime(args)
     processor = common.load_processor(args.model)
     prompts = read_prompts(args.data, args.image_root, args.task)

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     g.add_argument("--question", default=None, help="the question for --image")
     g.add_argument("--mode", default="chain", choices=MODES,
                    help="chain, focus (box only), direct (no box) or gt_box (annotated crop)")
-    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format")
+    g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
+                   help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     g.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
     g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
@@ -463,6 +464,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     records = common.read_records(args.data, need_answer=False) if args.data else None
     common.check_model_args(args)
+    common.resolve_box_format(args)
     processor = common.load_processor(args.model)
     if args.max_pixels:
         processor.image_processor.size["longest_edge"] = args.max_pixels

@@ -26,7 +26,8 @@ g = parser.add_argument_group("data")
 g.add_argument("--data", required=True, help="training records (JSONL, our record format)")
 g.add_argument("--image_root", default=None, help="directory image paths are relative to (default: the data file's)")
 g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
-g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMATS, help="box text format (SPEC 3)")
+g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
+               help="box text format (SPEC 3); native: the model family's")
 g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of viscot/norm box text")
 g.add_argument("--steps", default="focus,answer", help="which of the two steps to train on")
 g.add_argument("--cutoff_len", type=common.POSITIVE_INT, default=4096,
@@ -75,6 +76,7 @@ def main():
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
     common.check_model_args(args)
+    common.resolve_box_format(args)
     records = common.read_records(args.data)
     rt = Runtime(args)
     processor = common.load_processor(args.model)

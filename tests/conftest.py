@@ -1,11 +1,15 @@
 """Shared fixtures: a small toy world built once per test session (tiny random Qwen2-VL and Qwen2.5-VL,
 synthetic records), with the same builder `bash pipeline.sh` uses."""
 import contextlib
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -13,24 +17,77 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "viscot")
+PY = sys.executable
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"]  # the toy models, one per common.FAMILIES entry
 
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_toy.py"), "--out", str(out),
-                    "--n_train", "64", "--n_questions", "16", "--n_test", "16"], check=True, capture_output=True)
+                    "--n_train", "64", "--n_questions", "16", "--n_test", "16",
+                    "--families", ",".join(FAMILIES)], check=True, capture_output=True)
     return out
 
 
 def run_script(*argv, env=None, timeout=None):
     """Run a command from the repository root; fail the test with its output if it fails. No time limit by
-    default: a loaded machine is slower, not broken."""
-    full_env = dict(os.environ, **(env or {}))
-    p = subprocess.run(list(argv), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    default: a loaded machine is slower, not broken. `python script.py ...` without its own environment runs
+    in a process forked from the fork server (torch and transformers already imported)."""
+    if argv[0] == PY and str(argv[1]).endswith(".py") and env is None and timeout is None:
+        p = run(*argv[1:])
+        p = subprocess.CompletedProcess(list(argv), p.rc, p.stdout, p.stderr)
+    else:
+        full_env = dict(os.environ, **(env or {}))
+        p = subprocess.run(list(argv), cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+        command = " ".join(map(str, argv))
+        raise AssertionError(f"{command} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p
+
+
+class ForkServer:
+    """`python script args...` as a process forked from tests/forkrun.py, which imports torch and transformers
+    once: a command starts in a fraction of a second instead of five. Started on first use."""
+
+    def __init__(self):
+        self.server, self.count, self.logs = None, itertools.count(), None
+
+    def __call__(self, script, *args, kill_when=None):
+        """.rc, .stdout, .stderr of the command; kill_when=(path, lines): SIGKILL once the file has them."""
+        if self.server is None:
+            self.logs = tempfile.mkdtemp(prefix="forkrun-")
+            self.server = subprocess.Popen([PY, os.path.join(ROOT, "tests", "forkrun.py")], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        n = next(self.count)
+        out, err = os.path.join(self.logs, f"{n}.out"), os.path.join(self.logs, f"{n}.err")
+        request = {"argv": [os.path.join(ROOT, str(script)), *map(str, args)], "cwd": ROOT, "stdout": out,
+                   "stderr": err, "kill_when": [str(kill_when[0]), kill_when[1]] if kill_when else None}
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        reply = self.server.stdout.readline()
+        assert reply, "the fork server died"
+        with open(out) as f_out, open(err) as f_err:
+            return types.SimpleNamespace(rc=json.loads(reply)["rc"], stdout=f_out.read(), stderr=f_err.read())
+
+    def close(self):
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+            shutil.rmtree(self.logs, ignore_errors=True)
+
+
+run = ForkServer()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    run.close()
+
+
+@pytest.fixture(name="run", scope="session")
+def run_fixture():
+    """The fork server (ForkServer): run(script, *args, kill_when=None)."""
+    return run
 
 
 @contextlib.contextmanager

@@ -4,49 +4,21 @@ line that says `error:`, naming the file:line, record, flag or path; print no tr
 it was given as they were (nothing written, nothing deleted; lock files aside). Then faults: kill -9 mid-run
 and resume, for the stages that write incrementally: nothing lost, nothing written twice.
 
-The scripts run as processes forked from tests/forkrun.py, which imports torch and transformers once: a
-catalogue of fifty commands would otherwise spend four minutes starting Python.
+The scripts run as processes forked from tests/forkrun.py (conftest's `run`), which imports torch and
+transformers once: a catalogue of fifty commands would otherwise spend four minutes starting Python.
 """
 import fcntl
-import itertools
 import json
 import os
 import re
 import subprocess
-import sys
 import types
 
 import pytest
-from conftest import ROOT
+from conftest import PY
 from test_dpo import toy_pairs
 
 import common
-
-PY = sys.executable
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """run(script, *args, kill_when=(path, lines)) -> .rc, .stdout, .stderr of `python script args...`."""
-    logs = tmp_path_factory.mktemp("forkrun")
-    server = subprocess.Popen([PY, os.path.join(ROOT, "tests", "forkrun.py")], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    count = itertools.count()
-
-    def run_command(script, *args, kill_when=None):
-        n = next(count)
-        out, err = logs / f"{n}.out", logs / f"{n}.err"
-        request = {"argv": [os.path.join(ROOT, script), *map(str, args)], "cwd": ROOT, "stdout": str(out),
-                   "stderr": str(err), "kill_when": [str(kill_when[0]), kill_when[1]] if kill_when else None}
-        server.stdin.write(json.dumps(request) + "\n")
-        server.stdin.flush()
-        reply = server.stdout.readline()
-        assert reply, "the fork server died"
-        return types.SimpleNamespace(rc=json.loads(reply)["rc"], stdout=out.read_text(), stderr=err.read_text())
-
-    yield run_command
-    server.stdin.close()
-    server.wait(timeout=60)
 
 
 def make_adapter(base, out):

@@ -1,13 +1,14 @@
-"""Model loading, label masking and batch invariance on the tiny Qwen2-VL and Qwen2.5-VL."""
+"""Model loading, label masking, batch invariance, log-probs against a float64 gather and generation with
+precomputed vision features, on the tiny model of every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)."""
 import os
 
 import pytest
 import torch
+from conftest import FAMILIES
+from PIL import Image
 
 import common
 from common import IGNORE_INDEX, Example
-
-FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +39,18 @@ def examples(toy, prompt_set="visrl"):
 
 
 def test_processor_and_model_families(loaded):
+    """Each toy model is its family, and the family table says what its processor and features are."""
     for family, (model, processor) in loaded.items():
+        entry = common.family_of(model)
         assert model.config.model_type == family.replace("-", "_").replace(".", "_")
+        assert type(processor).__name__ == entry.processor
         assert processor.tokenizer.eos_token == "<|im_end|>"
-        assert processor.image_processor.patch_size == 14
+        ip = processor.image_processor
+        assert ip.patch_size * ip.merge_size == entry.pixels_per_token
+        features = common.image_features(model, processor, [Image.new("RGB", (224, 168), (200, 120, 40))])[0]
+        assert bool(features.deepstack) == entry.deepstack
+        layer_types = getattr(model.config.text_config, "layer_types", None) or []
+        assert ("linear_attention" in layer_types) == entry.recurrent
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,9 +97,10 @@ def test_batch_invariance(loaded, toy, family, side):
     assert [int(x) for x in (batched != 0).sum(-1)] == n_labels
 
 
-def test_token_logprobs_equals_full_logits_gather(loaded, toy):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_token_logprobs_equals_full_logits_gather(loaded, toy, family):
     """The labelled-positions-only projection gives what a full-vocabulary gather over all logits does."""
-    model, processor = loaded["qwen2-vl"]
+    model, processor = loaded[family]
     batch = common.collate([common.encode(processor, ex) for ex in examples(toy)], processor.tokenizer.pad_token_id)
     with torch.no_grad():
         got, mask = common.token_logprobs(model, batch)
@@ -120,8 +130,11 @@ def test_lora_targets_language_model_only(toy):
     assert all(p.requires_grad for n, p in full.named_parameters() if not common.is_vision_param(n))
 
 
-def test_generate_batched_equals_one_by_one(loaded, toy):
-    model, processor = loaded["qwen2.5-vl"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_batched_equals_one_by_one(loaded, toy, family):
+    """Left-padded batched generation equals each prompt alone: padding leaks into nothing (for Qwen3.5, not
+    into the linear-attention layers' recurrent and convolution state either)."""
+    model, processor = loaded[family]
     exs = [Example(r, str(toy / "data"), common.focus_messages(r["question"])) for r in records(toy)[:3]]
     batched = common.generate(model, processor, exs, max_new_tokens=8)
     single = [common.generate(model, processor, [ex], max_new_tokens=8)[0] for ex in exs]

@@ -21,7 +21,7 @@ def test_round_trip(fmt, w, h):
         back = parse_box(text, fmt, w, h, resized_hw=resized)
         # One unit of the text's grid, in pixels: the rounding a format can lose.
         unit = {"viscot": max(w, h) / 1000, "norm": max(w, h) / 1000, "qwen2": max(w, h) / 1000,
-                "qwen25": max(w / resized[1], h / resized[0])}[fmt]
+                "qwen25": max(w / resized[1], h / resized[0]), "qwen3": max(w, h) / 1000}[fmt]
         if back is None:  # only a box thinner than the grid may collapse
             assert min(x2 - x1, y2 - y1) <= 2 * unit
             continue
@@ -40,6 +40,15 @@ def test_viscot_and_norm_differ_on_non_square():
     text = box_to_text([217, 343, 242, 393], "viscot", 391, 500)
     assert parse_box(text, "viscot", 391, 500) == pytest.approx([217, 343, 242, 393], abs=0.5)
     assert box_iou(parse_box(text, "norm", 391, 500), [217, 343, 242, 393]) < 0.5
+
+
+def test_qwen3_is_relative_json_on_0_to_1000():
+    """Qwen3-VL / Qwen3.5 ground in {"bbox_2d": [...]} on 0..1000 per axis (1000 included), unlike Qwen2.5-VL's
+    JSON in resized pixels and Qwen2-VL's (x1,y1),(x2,y2) on [0, 1000)."""
+    assert box_to_text([0, 42, 224, 126], "qwen3", 224, 168) == '{"bbox_2d": [0, 250, 1000, 750]}'
+    assert box_to_text([0, 42, 224, 126], "qwen2", 224, 168) == "(0,250),(999,750)"
+    assert parse_box('{"bbox_2d": [0, 250, 1000, 750]}', "qwen3", 224, 168) == [0, 42, 224, 126]
+    assert parse_box('[{"bbox_2d": [500, 500, 1000, 1000], "label": "cat"}]', "qwen3", 200, 100) == [100, 50, 200, 100]
 
 
 def test_decimals_setting():

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import FAMILIES, ROOT, run_script
 
 import common
 import rl_stage1
@@ -122,7 +122,7 @@ def stage_args(path, *extra):
     return rl_stage1.parse_args(["--model", "m", "--data", path, "--output_dir", "o", *extra])
 
 
-@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shared_encode_logps_equal_naive_one_by_one(toy, tmp_path, family):
     """All units of 4 pairs in one batch (box and answer steps, 1 and 2 images, different lengths, right
     padding), each distinct image encoded once, against each sequence alone with its own pixels through

@@ -2,11 +2,7 @@
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 from conftest import ROOT, run_script
@@ -91,24 +87,17 @@ def steps_logged(out, n):
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune):
+def test_resume_after_kill_gives_same_losses(toy, tmp_path, finetune, run):
     extra = ["--max_steps", "12", "--batch_size", "4", "--finetune", finetune, "--lora_dropout", "0.1",
              "--save_steps", "3", "--save_total_limit", "1", "--lr", "1e-3"]
-    full = tmp_path / "full"
-    run_script(PY, *sft_args(toy, full, *extra))
-    interrupted = tmp_path / "interrupted"
-    p = subprocess.Popen([PY, *sft_args(toy, interrupted, *extra)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    assert run(*sft_args(toy, full, *extra)).rc == 0
     # Killed once step 4's metrics line is written (after the step-3 checkpoint): the resumed run must drop it.
-    while not steps_logged(interrupted, 4) and p.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    steps = sorted(int(d.split("-")[1]) for d in os.listdir(interrupted) if d.startswith("checkpoint-") and "." not in d)
+    assert run(*sft_args(toy, interrupted, *extra), kill_when=(interrupted / "metrics.jsonl", 4)).rc == -9
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(interrupted) if re.fullmatch(r"checkpoint-\d+", d))
     assert steps and steps[-1] < 12, f"the run was not interrupted before its end: {steps}"
-    shutil.rmtree(interrupted / "final", ignore_errors=True)
-    run_script(PY, *sft_args(toy, interrupted, *extra, "--resume", "latest"))
+    p = run(*sft_args(toy, interrupted, *extra, "--resume", "latest"))
+    assert p.rc == 0 and "resuming at step" in p.stdout, p.stderr[-3000:]
     want, got = losses(full), losses(interrupted)
     assert sorted(got) == list(range(1, 13))
     assert [got[s] for s in range(1, 13)] == pytest.approx([want[s] for s in range(1, 13)], rel=1e-5, abs=1e-7)

@@ -1,4 +1,5 @@
-"""Build the toy world: tiny random Qwen2-VL / Qwen2.5-VL checkpoints and a synthetic grounded-VQA dataset.
+"""Build the toy world: tiny random Qwen2-VL / Qwen2.5-VL (and, --families, Qwen3-VL / Qwen3.5)
+checkpoints and a synthetic grounded-VQA dataset.
 
     python tools/make_toy.py --out toy [--seed 0]
 
@@ -160,23 +161,46 @@ def build_tokenizer(out_dir):
     return fast
 
 
-def build_model(family, out_dir, tokenizer, seed):
+# The tiny models, one entry per family: each keeps its family's real structure at toy size (Qwen2.5-VL's
+# windowed vision attention; Qwen3-VL's 16-pixel patches, DeepStack layer and interleaved M-RoPE; Qwen3.5's
+# linear-attention layers next to full-attention ones, its partial rotary embedding). Every vision tower
+# ends in 128 = the language model's width; a merged vision token covers 28 pixels (Qwen2) or 32 (Qwen3).
+ROPE = {"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]}
+QWEN3_IMAGE = {"patch_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "min_pixels": 64 * 64,
+               "max_pixels": 128 * 96}  # half resolution again: 4 x 3 merged tokens of 32 pixels
+QWEN3_VISION = dict(depth=2, hidden_size=128, out_hidden_size=128, intermediate_size=256, num_heads=4,
+                    patch_size=16, num_position_embeddings=64)
+MODELS = {
+    "qwen2-vl": dict(model_type="qwen2_vl", processor="Qwen2VLProcessor", text={}, image={},
+                     # The ViT width is embed_dim; hidden_size is the merger's output and must equal the LM's.
+                     vision=dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4)),
+    "qwen2.5-vl": dict(model_type="qwen2_5_vl", processor="Qwen2_5_VLProcessor", text={}, image={},
+                       vision=dict(depth=2, hidden_size=128, out_hidden_size=128, intermediate_size=256,
+                                   num_heads=4, window_size=56, fullatt_block_indexes=[1])),
+    "qwen3-vl": dict(model_type="qwen3_vl", processor="Qwen3VLProcessor", image=QWEN3_IMAGE,
+                     vision=dict(QWEN3_VISION, deepstack_visual_indexes=[0]),
+                     text=dict(head_dim=32, rope_parameters=dict(ROPE, mrope_interleaved=True))),
+    "qwen3.5": dict(model_type="qwen3_5", processor="Qwen3VLProcessor", image=QWEN3_IMAGE, vision=QWEN3_VISION,
+                    text=dict(head_dim=32, layer_types=["linear_attention", "full_attention"] * 2,
+                              linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2,
+                              linear_num_value_heads=4,
+                              rope_parameters=dict(ROPE, mrope_section=[2, 3, 3], mrope_interleaved=True,
+                                                   partial_rotary_factor=0.5))),
+}
+
+
+def build_model(name, out_dir, tokenizer, seed):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
-    text = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                rope_parameters={"rope_type": "default", "rope_theta": 10.0, "mrope_section": [2, 7, 7]},
-                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], initializer_range=INIT_STD)
-    if family == "qwen2_vl":
-        # The ViT width is embed_dim; hidden_size is the merger's output and must equal the LM's.
-        vision = dict(depth=2, embed_dim=128, hidden_size=128, num_heads=4, mlp_ratio=4, initializer_range=INIT_STD)
-    else:
-        vision = dict(depth=2, hidden_size=128, out_hidden_size=128, intermediate_size=256, num_heads=4,
-                      window_size=56, fullatt_block_indexes=[1], initializer_range=INIT_STD)
-    config = AutoConfig.for_model(family, text_config=text, vision_config=vision,
+    spec = MODELS[name]
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    text = dict(dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_parameters=ROPE,
+                     bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                     pad_token_id=ids["<|endoftext|>"], initializer_range=INIT_STD), **spec["text"])
+    config = AutoConfig.for_model(spec["model_type"], text_config=text,
+                                  vision_config=dict(spec["vision"], initializer_range=INIT_STD),
                                   image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                   vision_start_token_id=ids["<|vision_start|>"],
                                   vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
@@ -188,10 +212,9 @@ def build_model(family, out_dir, tokenizer, seed):
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(dict(IMAGE_PROCESSOR, processor_class="Qwen2_5_VLProcessor" if family == "qwen2_5_vl"
-                       else "Qwen2VLProcessor"), f, indent=2)
+        json.dump(dict(IMAGE_PROCESSOR, **spec["image"], processor_class=spec["processor"]), f, indent=2)
     n = sum(p.numel() for p in model.parameters())
-    print(f"{family}: {n / 1e6:.2f} M parameters -> {out_dir}")
+    print(f"{name}: {n / 1e6:.2f} M parameters -> {out_dir}")
 
 
 def main():
@@ -206,8 +229,13 @@ def main():
     parser.add_argument("--train_boxes", default="any", choices=["any", "target"],
                         help="the training box: any object of the scene (default: boxes that do not say where "
                              "the answer is) or the target's")
+    parser.add_argument("--families", default="qwen2-vl,qwen2.5-vl",
+                        help=f"tiny models to build, comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
     args = parser.parse_args()
+    families = args.families.split(",")
+    if not set(families) <= set(MODELS):
+        parser.error(f"--families takes names from {', '.join(MODELS)}, got {args.families!r}")
 
     data_dir = os.path.join(args.out, "data")
     image_dir = os.path.join(data_dir, "images")
@@ -228,11 +256,12 @@ def main():
           f"{args.n_test} test records -> {data_dir}")
     if args.skip_models:
         return
-    tok_dir = os.path.join(args.out, "qwen2-vl")
-    os.makedirs(tok_dir, exist_ok=True)
-    tokenizer = build_tokenizer(tok_dir)
-    build_model("qwen2_vl", tok_dir, tokenizer, args.seed)
-    build_model("qwen2_5_vl", os.path.join(args.out, "qwen2.5-vl"), tokenizer, args.seed)
+    tokenizer = None
+    for name in families:  # one tokenizer, trained once, for every model
+        out_dir = os.path.join(args.out, name)
+        os.makedirs(out_dir, exist_ok=True)
+        tokenizer = tokenizer or build_tokenizer(out_dir)
+        build_model(name, out_dir, tokenizer, args.seed)
 
 
 if __name__ == "__main__":
