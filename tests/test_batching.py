@@ -110,8 +110,9 @@ def test_token_logprobs_equals_full_logits_gather(loaded, toy, family):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_estimated_length_matches_encoding(loaded, toy):
-    _, processor = loaded["qwen2-vl"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimated_length_matches_encoding(loaded, toy, family):
+    _, processor = loaded[family]
     for ex in examples(toy):
         assert common.estimate_tokens(processor, ex, 224, 168) == len(common.encode(processor, ex)["input_ids"])
 

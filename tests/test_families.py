@@ -1,7 +1,7 @@
 """Qwen3-VL and Qwen3.5 through every stage, as commands on the toy: SFT (both steps learn the qwen3 box text,
 relative 0..1000 JSON), the family's default LoRA targets, merge.py's self-check, self-evolution candidates
-(--box_format native resolved from the family), pairs, DPO stage 2, GRPO (focus, grounding,
-classification), inference (chain and served), eval --model, and ZeRO-3 SFT equal to one process. The checks
+(--box_format native resolved from the family), pairs, DPO stage 2, GRPO (every task), inference (chain and
+served), eval --model, and two ranks (ZeRO-3, torchrun) equal to one process. The checks
 that need no stage (log-probs against a float64 gather, batch invariance, shared encodes, precomputed
 features, left-padded generation) run for every family in test_batching.py and test_dpo.py."""
 import json
@@ -104,13 +104,27 @@ def test_candidates_pairs_and_dpo_stage2(chain, run):
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # precomputed reference = the start
 
 
-@pytest.mark.parametrize("task", ["focus", "grounding", "classification"])
+def detection_prompts(data, path):
+    """Visual-RFT detection records for the toy's training images: find the coloured object."""
+    rows = []
+    for r in common.read_records(str(data / "train.jsonl"))[:8]:
+        x1, y1, x2, y2 = (round(v * 1000 / s) for v, s in zip(r["bbox"], (224, 168, 224, 168)))
+        rows.append({"id": r["id"], "image": r["image"],
+                     "problem": common.VIRFT_DETECTION_PROMPT.format(category=r["question"].split()[4] + " object"),
+                     "solution": f"<answer>[{{'Position': [{x1}, {y1}, {x2}, {y2}], 'Confidence': 1}}]</answer>"})
+    common.write_jsonl(str(path), rows)
+    return path
+
+
+@pytest.mark.parametrize("task", ["focus", "grounding", "classification", "detection"])
 def test_grpo(chain, run, task):
     family, out, data = chain
-    p = run("grpo.py", "--model", out / "sft" / "final", "--data", data / "train.jsonl", "--output_dir",
+    prompts = detection_prompts(data, out / "detection.jsonl") if task == "detection" else data / "train.jsonl"
+    p = run("grpo.py", "--model", out / "sft" / "final", "--data", prompts, "--image_root", data, "--output_dir",
             out / f"grpo-{task}", "--task", task, "--box_format", "qwen3", "--max_steps", "2", "--batch_size", "2",
             "--num_generations", "4", "--max_new_tokens", "40", "--lr", "1e-4", "--finetune", "full",
-            "--rewards", {"focus": "answer", "grounding": "grounding_iou", "classification": "format,cls"}[task])
+            "--rewards", {"focus": "answer", "grounding": "grounding_iou", "classification": "format,cls",
+                          "detection": "format,det_iou,det_confidence"}[task])
     assert p.rc == 0, p.stderr[-3000:]
     rows = metrics(out / f"grpo-{task}")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
@@ -148,15 +162,22 @@ def test_served_two_step(chain):
     assert status == 200 and reply["choices"][0]["focus"]["box_text"].startswith('{"bbox_2d"')
 
 
-def test_zero3_sft_equals_one_process(toy, tmp_path):
-    """Two CPU ranks under ZeRO-3 (weights partitioned as they load) give the single process's losses."""
-    family = "qwen3-vl"  # Qwen3.5's linear-attention fallback kernels under ZeRO-3 took 74 s here, this 20
+LAUNCHERS = [("qwen3-vl", "deepspeed-zero3"), ("qwen3.5", "torchrun")]  # Qwen3.5's fallback kernels under ZeRO-3
+# on CPU took 74 s for 3 steps here; data-parallel takes 11
+
+
+@pytest.mark.parametrize("family,launcher", LAUNCHERS, ids=[f"{f}-{la}" for f, la in LAUNCHERS])
+def test_two_ranks_equal_one_process(toy, tmp_path, family, launcher):
+    """Two CPU ranks (ZeRO-3: weights partitioned as they load; torchrun: DDP) give one process's losses."""
     args = ["--model", str(toy / family), "--data", str(toy / "data" / "train.jsonl"), "--max_steps", "3",
             "--finetune", "full", "--lr", "1e-3", "--box_format", "qwen3"]
     run_script(PY, os.path.join(ROOT, "sft.py"), *args, "--batch_size", "4", "--output_dir", str(tmp_path / "one"))
-    run_script(os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2", "--master_port", "29651",
-               os.path.join(ROOT, "sft.py"), *args, "--batch_size", "2", "--output_dir", str(tmp_path / "zero3"),
-               "--deepspeed", os.path.join(ROOT, "configs", "zero3.json"),
-               env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    one, zero3 = ([r["loss"] for r in metrics(tmp_path / d)] for d in ("one", "zero3"))
-    assert zero3 == pytest.approx(one, rel=2e-4)
+    if launcher == "torchrun":
+        prefix, extra = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29653"], []
+    else:
+        prefix = [os.path.join(os.path.dirname(PY), "deepspeed"), "--num_gpus", "2", "--master_port", "29651"]
+        extra = ["--deepspeed", os.path.join(ROOT, "configs", "zero3.json")]
+    run_script(*prefix, os.path.join(ROOT, "sft.py"), *args, "--batch_size", "2", "--output_dir",
+               str(tmp_path / "two"), *extra, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    one, two = ([r["loss"] for r in metrics(tmp_path / d)] for d in ("one", "two"))
+    assert two == pytest.approx(one, rel=2e-4) and one[-1] != one[0]
