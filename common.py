@@ -6,6 +6,7 @@ examples and batches | runtime (launchers, optimizer, schedule) | checkpoints | 
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -1477,9 +1478,19 @@ def weights_fingerprint(model_dir):
     to bf16 (a bf16 and an fp32 copy of the same weights agree), ignoring tensor names (checkpoints re-saved
     by another transformers version rename them). Two checkpoints that differ anywhere in training (an SFT
     merge changes every LoRA-targeted layer) differ here."""
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and not f.startswith("adapter_"))
+    stats = tuple((f, os.stat(os.path.join(model_dir, f)).st_size, os.stat(os.path.join(model_dir, f)).st_mtime_ns)
+                  for f in files)
+    return _weights_fingerprint(os.path.realpath(model_dir), stats)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_fingerprint(model_dir, stats):
+    """weights_fingerprint of files with these sizes and times: a stage checks its base (check_model_args,
+    load_model) and stamps its outputs (model_stamp) with one read of the weights, not three."""
     import hashlib
     from safetensors import safe_open
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors") and not f.startswith("adapter_"))
+    files = [name for name, _, _ in stats]
     if not files:
         raise DataError(f"{model_dir}: no *.safetensors weights to fingerprint")
     rows = []

@@ -146,8 +146,11 @@ def load_questions(protocol, path):
                 raise common.DataError(f"{path}: not UTF-8 text") from None
             except json.JSONDecodeError as e:
                 raise common.DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-        if not (questions.get("images") if protocol == "virft-det" and isinstance(questions, dict) else
-                isinstance(questions, list) and questions):
+        if protocol == "virft-det":
+            has_questions = isinstance(questions, dict) and bool(questions.get("images"))
+        else:
+            has_questions = isinstance(questions, list) and bool(questions)
+        if not has_questions:
             raise common.DataError(f"{path}: no questions" + (" (a COCO file with images, annotations and "
                                                               "categories)" if protocol == "virft-det" else ""))
         return questions

@@ -261,6 +261,11 @@ CASES = [
         W, tmp, 2, {"bbox": "[1, 2, 3, 4]"}), W.train), r"bad\.jsonl: row 3 \('train-2'\): bbox must be \[x1")),
     ("eval-empty-questions", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", lines_with(tmp / "q.jsonl", []),
                                                       W.train), r"q\.jsonl: no records")),
+    ("eval-virft-det-without-images", lambda W, tmp: (evaluate(W, tmp / "r.json", "virft-det", file_at(
+        tmp / "coco.json"), W.train), r"coco\.json: no questions \(a COCO file with images")),
+    ("eval-native-box-format-without-model", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
+                                                             + ("--box_format", "native"),
+                                                             r"--box_format native takes the format of --model")),
     ("eval-batch-size-0", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                           + ("--batch_size", "0"), r"argument --batch_size: 0")),
     # --- merge

@@ -355,6 +355,18 @@ def test_generation_stops_at_max_generate_s(srv, client, monkeypatch):
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 1
 
 
+def test_max_pixels_lowers_the_vision_tokens_an_image_costs(srv, run):
+    """infer.py --max_pixels sets the processor's resize limit: the same image costs fewer prompt tokens."""
+    image = str(srv.toy / "data" / IMAGE)
+    tokens = []
+    for extra in ((), ("--max_pixels", str(56 * 56))):
+        p = run("infer.py", "--model", srv.args.model, "--image", image, "--question", QUESTION, "--mode", "direct",
+                "--max_new_tokens", "2", *extra)
+        assert p.rc == 0, p.stderr[-2000:]
+        tokens.append(json.loads(p.stdout.strip().splitlines()[-1])["usage"]["answer"]["prompt_tokens"])
+    assert tokens[1] < tokens[0]
+
+
 def test_a_body_shorter_than_its_content_length_times_out(srv):
     """--read_timeout (3 s here) bounds the whole body: a client that sends less than it announced, or
     trickles it, gets 408 and the connection back, instead of holding a thread forever; the server goes on."""
