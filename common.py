@@ -254,11 +254,17 @@ def square_frame(w, h):
     return side, ((h - w) // 2 if h > w else 0), ((w - h) // 2 if w > h else 0)
 
 
+def token_pixels(processor):
+    """The side in pixels of one merged vision token (patch x merge: 28 for Qwen2/2.5-VL, 32 for Qwen3-VL and
+    Qwen3.5): the processor's smallest image, so no crop is smaller."""
+    return processor.image_processor.patch_size * processor.image_processor.merge_size
+
+
 def smart_resize_hw(processor, w, h):
     """(height, width) the Qwen image processor resizes a w x h image to (multiples of patch*merge)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
     ip = processor.image_processor
-    return smart_resize(h, w, factor=ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+    return smart_resize(h, w, factor=token_pixels(processor), min_pixels=ip.size["shortest_edge"],
                         max_pixels=ip.size["longest_edge"])
 
 
@@ -322,8 +328,9 @@ def parse_box(text, fmt, w, h, resized_hw=None):
         return None
 
 
-def crop_box(box, w, h, min_size=28):
-    """Integer crop box inside the image, at least min_size on each side (grown around its centre)."""
+def crop_box(box, w, h, min_size):
+    """Integer crop box inside the image, at least min_size on each side (grown around its centre): pass
+    token_pixels(processor), the processor's minimum (SPEC 3)."""
     x1, y1, x2, y2 = box
     out = []
     for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
@@ -684,17 +691,16 @@ class Family(NamedTuple):
     """What differs between model families, in one place: a stage asks this table, never `if family == ...`."""
     processor: str      # the transformers processor class (saved files name it; the CPU fallback builds it)
     box_format: str     # the box text the family's released checkpoints ground in (SPEC 3)
-    pixels_per_token: int  # patch size x merge size: one merged vision token covers this many pixels a side
     deepstack: bool     # intermediate vision layers feed the language model (VisionFeatures carries them)
     lora_targets: str   # the language model's linear layers, LoRA's default targets
     recurrent: bool     # linear-attention layers keep recurrent and convolution state instead of a KV cache
 
 
 FAMILIES = {  # by config.model_type
-    "qwen2_vl": Family("Qwen2VLProcessor", "qwen2", 28, False, LM_ONLY_TARGETS, False),
-    "qwen2_5_vl": Family("Qwen2_5_VLProcessor", "qwen25", 28, False, LM_ONLY_TARGETS, False),
-    "qwen3_vl": Family("Qwen3VLProcessor", "qwen3", 32, True, LM_ONLY_TARGETS, False),
-    "qwen3_5": Family("Qwen3VLProcessor", "qwen3", 32, False, LM_HYBRID_TARGETS, True),
+    "qwen2_vl": Family("Qwen2VLProcessor", "qwen2", False, LM_ONLY_TARGETS, False),
+    "qwen2_5_vl": Family("Qwen2_5_VLProcessor", "qwen25", False, LM_ONLY_TARGETS, False),
+    "qwen3_vl": Family("Qwen3VLProcessor", "qwen3", True, LM_ONLY_TARGETS, False),
+    "qwen3_5": Family("Qwen3VLProcessor", "qwen3", False, LM_HYBRID_TARGETS, True),
 }
 
 

@@ -267,7 +267,8 @@ def candidates_for_batch(model, processor, records, images, args, rng):
             else:
                 cands.append({"attempt": a, "source": "sampled", "box_text": texts[1], "box": second})
         for c in cands:
-            c.update(crop=common.crop_box(c["box"], w, h) if c["box"] else None, answer=None, s_R=None, s_B=None,
+            crop = common.crop_box(c["box"], w, h, common.token_pixels(processor)) if c["box"] else None
+            c.update(crop=crop, answer=None, s_R=None, s_B=None,
                      status="ok" if c["box"] else "unparsable_box")
         per_question.append(cands)
         dropped.append(lost)

@@ -418,7 +418,7 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
         resized = common.smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
         r["box"] = None if r["invalid"] else common.parse_box(r["box_text"], args.box_format, w, h, resized)
         if r["box"] is not None:
-            r["crop"] = common.crop_box(r["box"], w, h)
+            r["crop"] = common.crop_box(r["box"], w, h, common.token_pixels(processor))
             todo.append(r)
     if not todo:
         return rollouts

@@ -129,7 +129,7 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
     for row, rec, im in zip(rows, records, images):
         w, h = im.size
         # An unparsable box still gets an answer: the full image stands in for the crop.
-        row["crop"] = common.crop_box(row["box"] or [0, 0, w, h], w, h)
+        row["crop"] = common.crop_box(row["box"] or [0, 0, w, h], w, h, common.token_pixels(processor))
         ex = common.Example(rec, None, common.answer_messages(rec["question"], prompt_set), crop=row["crop"])
         examples.append(ex)
         step2_images.append(ex.images(full=im))

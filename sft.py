@@ -53,6 +53,7 @@ def build_examples(records, processor, show_progress):
     steps = set(args.steps.split(","))
     records = [rec for rec in records if rec.get("bbox") is not None]
     sizes = common.check_images(records, args.image_root, show_progress)
+    min_crop = common.token_pixels(processor)
     for rec, (w, h) in zip(common.progress(records, show_progress, desc="examples"), sizes):
         resized = smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
         candidates = []
@@ -61,7 +62,7 @@ def build_examples(records, processor, show_progress):
                                       box_to_text(rec["bbox"], args.box_format, w, h, args.box_decimals, resized)))
         if "answer" in steps:
             candidates.append(Example(rec, args.image_root, common.answer_messages(rec["question"], args.prompt_set),
-                                      rec["answer"], crop=crop_box(rec["bbox"], w, h)))
+                                      rec["answer"], crop=crop_box(rec["bbox"], w, h, min_crop)))
         for ex in candidates:
             ex.n_tokens = common.estimate_tokens(processor, ex, w, h)
             ex.n_labels = len(processor.tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1

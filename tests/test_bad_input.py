@@ -42,7 +42,7 @@ def world(toy, tmp_path_factory):
         wrong = [0, 0, 28, 28]
         candidates.append(dict(r, candidates=[
             {"box_text": common.box_to_text(r["bbox"], "viscot", 224, 168, 2), "box": r["bbox"],
-             "crop": common.crop_box(r["bbox"], 224, 168), "answer": r["answer"], "s_R": 1.0, "s_B": 1.0},
+             "crop": common.crop_box(r["bbox"], 224, 168, 28), "answer": r["answer"], "s_R": 1.0, "s_B": 1.0},
             {"box_text": common.box_to_text(wrong, "viscot", 224, 168, 2), "box": wrong, "crop": wrong,
              "answer": "no", "s_R": 0.0, "s_B": 0.0}]))
     common.write_jsonl(str(w / "cands.jsonl"), candidates)

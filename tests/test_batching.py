@@ -30,11 +30,11 @@ def examples(toy, prompt_set="visrl"):
     r = records(toy)
     return [
         Example(r[0], root, common.answer_messages(r[0]["question"], prompt_set), r[0]["answer"],
-                crop=common.crop_box(r[0]["bbox"], 224, 168)),
+                crop=common.crop_box(r[0]["bbox"], 224, 168, 28)),
         Example(r[1], root, common.focus_messages(r[1]["question"], prompt_set),
                 common.box_to_text(r[1]["bbox"], "viscot", 224, 168, 2)),
         Example(r[2], root, common.answer_messages(r[2]["question"], prompt_set), "a much longer answer than usual",
-                crop=common.crop_box([0, 0, 100, 90], 224, 168)),
+                crop=common.crop_box([0, 0, 100, 90], 224, 168, 28)),
     ]
 
 
@@ -45,8 +45,8 @@ def test_processor_and_model_families(loaded):
         assert model.config.model_type == family.replace("-", "_").replace(".", "_")
         assert type(processor).__name__ == entry.processor
         assert processor.tokenizer.eos_token == "<|im_end|>"
-        ip = processor.image_processor
-        assert ip.patch_size * ip.merge_size == entry.pixels_per_token
+        # One merged vision token (the smallest crop): 14 x 2 pixels in Qwen2/2.5-VL, 16 x 2 in Qwen3-VL/3.5.
+        assert common.token_pixels(processor) == (32 if family in ("qwen3-vl", "qwen3.5") else 28)
         features = common.image_features(model, processor, [Image.new("RGB", (224, 168), (200, 120, 40))])[0]
         assert bool(features.deepstack) == entry.deepstack
         layer_types = getattr(model.config.text_config, "layer_types", None) or []

@@ -87,8 +87,8 @@ def test_qwen_formats():
 
 
 def test_crop_clamps_and_grows():
-    assert crop_box([10, 10, 50, 40], 100, 80) == [10, 10, 50, 40]
-    assert crop_box([-20, -5, 50, 90], 100, 80) == [0, 0, 50, 80]
+    assert crop_box([10, 10, 50, 40], 100, 80, 28) == [10, 10, 50, 40]
+    assert crop_box([-20, -5, 50, 90], 100, 80, 28) == [0, 0, 50, 80]
     small = crop_box([50, 40, 52, 41], 100, 80, min_size=28)
     assert small[2] - small[0] == 28 and small[3] - small[1] == 28
     assert small[0] <= 50 and small[2] >= 52 and small[1] <= 40 and small[3] >= 41

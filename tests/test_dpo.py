@@ -112,7 +112,7 @@ def toy_pairs(toy, tmp_path, n=4):
                       "chosen_box_text": common.box_to_text(r["bbox"], "viscot", 224, 168, 2),
                       "rejected_box_text": common.box_to_text(wrong, "viscot", 224, 168, 2),
                       "chosen_answer": r["answer"], "rejected_answer": "a much longer wrong answer " * (i % 2 + 1),
-                      "chosen_crop": common.crop_box(r["bbox"], 224, 168)})
+                      "chosen_crop": common.crop_box(r["bbox"], 224, 168, 28)})
     path = tmp_path / "pairs.jsonl"
     common.write_jsonl(str(path), pairs)
     return str(path)

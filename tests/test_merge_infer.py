@@ -30,7 +30,8 @@ def adapter(toy, tmp_path_factory):
 def toy_examples(toy, n=3):
     recs = common.read_records(str(toy / "data" / "train.jsonl"))[:n]
     root = str(toy / "data")
-    return [common.Example(r, root, common.answer_messages(r["question"]), crop=common.crop_box(r["bbox"], 168, 112))
+    return [common.Example(r, root, common.answer_messages(r["question"]),
+                           crop=common.crop_box(r["bbox"], 168, 112, 28))
             for r in recs]
 
 
