@@ -129,10 +129,24 @@ def validate_record(rec, where, need_answer=True):
             raise DataError(f"{where}: record {rec['id']!r}: {key} must be a positive integer, got {rec[key]!r}")
     if rec.get("bbox") is not None:
         check_box(rec["bbox"], f"{where}: record {rec['id']!r}: bbox", rec.get("width"), rec.get("height"))
+    if rec.get("zooms") is not None:  # a multi-turn zoom trace: successive views, each inside the one before
+        zooms = rec["zooms"]
+        if not isinstance(zooms, list) or not zooms:
+            raise DataError(f"{where}: record {rec['id']!r}: zooms must be a non-empty list of boxes, got {zooms!r}")
+        for k, box in enumerate(zooms):
+            check_box(box, f"{where}: record {rec['id']!r}: zooms[{k}]", rec.get("width"), rec.get("height"))
+            if k and not inside(box, zooms[k - 1]):
+                raise DataError(f"{where}: record {rec['id']!r}: zooms[{k}] {box} is not inside zooms[{k - 1}] "
+                                f"{zooms[k - 1]} (each zoom looks into the view before it)")
     return rec
 
 
 BOX_SLACK = 1.0  # pixels a box may stick out of its image (rounding in converted annotations)
+
+
+def inside(box, outer, slack=BOX_SLACK):
+    return (box[0] >= outer[0] - slack and box[1] >= outer[1] - slack and box[2] <= outer[2] + slack
+            and box[3] <= outer[3] + slack)
 
 
 def check_box(box, where, width=None, height=None):
@@ -378,6 +392,12 @@ PROMPT_SETS = {
 }
 
 
+# Multi-turn zoom (README "Zoom"): the model may answer, or zoom in by writing ZOOM_OPEN box ZOOM_CLOSE.
+ZOOM_OPEN, ZOOM_CLOSE = "<zoom>", "</zoom>"
+ZOOM_PROMPT = ("{question} To see a region better, write <zoom>its bounding box</zoom> and it will be shown to "
+               "you; answer when you can.")
+
+
 def focus_messages(question, prompt_set="visrl"):
     return [{"role": "user", "content": [{"type": "image"},
                                          {"type": "text", "text": PROMPT_SETS[prompt_set]["focus"].format(question=question)}]}]
@@ -386,6 +406,11 @@ def focus_messages(question, prompt_set="visrl"):
 def direct_messages(question):
     """One step, no focus box: the image and the bare question (Visual-CoT's ablation without the chain)."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+
+
+def zoom_messages(question):
+    """The first turn of a zoom conversation: the full image and the question with the zoom instruction."""
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ZOOM_PROMPT.format(question=question)}]}]
 
 
 def answer_messages(question, prompt_set="visrl"):
@@ -945,20 +970,27 @@ class Example:
     """One chat turn to train on or generate from: images (each a record image, optionally cropped), the
     user messages, and the assistant response (None when generating). Pixels load only when encoded."""
 
-    def __init__(self, rec, image_root, messages, response=None, crop=None):
-        if response is not None and any(t in response for t in VISION_TOKENS):
-            # It would tokenize to vision placeholders, and image tokens would stop matching features.
-            raise DataError(f"record {rec.get('id')!r}: response contains a vision special token: {response!r}")
+    def __init__(self, rec, image_root, messages, response=None, crop=None, calls=(), views=()):
+        """calls, views: a zoom trace's earlier model turns (each a zoom call's text) and the view each one
+        opened (a crop box of the original image), shown after it as a tool turn."""
+        for text in ([response] if response is not None else []) + list(calls):
+            if any(t in text for t in VISION_TOKENS):
+                # It would tokenize to vision placeholders, and image tokens would stop matching features.
+                raise DataError(f"record {rec.get('id')!r}: response contains a vision special token: {text!r}")
         self.rec, self.image_root, self.messages, self.response, self.crop = rec, image_root, messages, response, crop
+        self.calls, self.views = list(calls), list(views)
         self.n_tokens = self.n_labels = None  # sequence and label lengths, when a stage measures them
 
     def images(self, full=None):
+        """The images in the order the sequence shows them: the prompt's (full image, then the crop) and each
+        zoom call's view."""
         n_images = sum(1 for m in self.messages if isinstance(m["content"], list)
                        for c in m["content"] if c["type"] == "image")
         if n_images == 0:
             return []
         full = full if full is not None else load_image(self.rec, self.image_root)
-        return [full] if n_images == 1 else [full, full.crop(tuple(self.crop))]
+        shown = [full] if n_images == 1 else [full, full.crop(tuple(self.crop))]
+        return shown + [full.crop(tuple(v)) for v in self.views]
 
 
 def image_token_count(processor, w, h):
@@ -982,32 +1014,83 @@ def prompt_length(processor, messages):
 
 
 def estimate_tokens(processor, ex, w, h):
-    """Sequence length of an example without decoding pixels: template + image tokens + response + EOS."""
+    """Sequence length of an example without decoding pixels: template + image tokens + response + EOS,
+    and each zoom call's turn with its view's tool turn."""
+    tok = processor.tokenizer
     n = prompt_length(processor, ex.messages) - (1 if ex.crop else 0) - 1
     n += image_token_count(processor, w, h)
     if ex.crop:
         n += image_token_count(processor, ex.crop[2] - ex.crop[0], ex.crop[3] - ex.crop[1])
+    for call, view in zip(ex.calls, ex.views):
+        n += len(tok(call, add_special_tokens=False)["input_ids"]) + 1
+        n += len(tok(tool_turn_text(processor), add_special_tokens=False)["input_ids"]) - 1
+        n += image_token_count(processor, view[2] - view[0], view[3] - view[1])
     if ex.response is not None:
-        n += len(processor.tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+        n += len(tok(ex.response, add_special_tokens=False)["input_ids"]) + 1
     return n
 
 
+def response_ids(processor, text):
+    """A model turn as the model writes it: the text's tokens and EOS."""
+    tok = processor.tokenizer
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def encode(processor, ex, images=None):
-    """Token ids, labels (assistant tokens + EOS only), mm_token_type_ids and pixels of one example.
-    A text-only example (no image in its messages) has pixel_values None."""
+    """Token ids, labels (assistant tokens + EOS only: every model turn of a zoom trace), mm_token_type_ids
+    and pixels of one example. A text-only example (no image in its messages) has pixel_values None."""
     prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
     images = images if images is not None else ex.images()
-    out = processor(text=[prompt], images=images or None, return_tensors="pt")
+    shown = len(images) - len(ex.views)  # the prompt's images; each zoom call's view follows its turn
+    out = processor(text=[prompt], images=images[:shown] or None, return_tensors="pt")
     ids = out["input_ids"][0]
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    mm = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else torch.zeros_like(ids)
+    enc = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX),
+           "mm_token_type_ids": out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else torch.zeros_like(ids),
+           "pixel_values": out.get("pixel_values"), "image_grid_thw": out.get("image_grid_thw")}
+    for call, image in zip(ex.calls, images[shown:]):
+        enc = extend_turn(processor, enc, response_ids(processor, call), image)
     if ex.response is not None:
-        tok = processor.tokenizer
-        resp = torch.tensor(tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-        ids, labels = torch.cat([ids, resp]), torch.cat([labels, resp])
-        mm = torch.cat([mm, torch.zeros_like(resp)])
-    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": mm,
-            "pixel_values": out.get("pixel_values"), "image_grid_thw": out.get("image_grid_thw")}
+        enc = extend_turn(processor, enc, response_ids(processor, ex.response))
+    return enc
+
+
+_TOOL_TURNS = weakref.WeakKeyDictionary()  # processor -> the template text of a tool turn (tool_turn_text)
+
+
+def tool_turn_text(processor):
+    """What the chat template writes between a model turn's EOS and the next model turn when the runtime shows
+    an image: the end of the line, a user turn holding only the image, and the assistant prompt. Read off the
+    template itself, so a family's own template (Qwen3's) is followed."""
+    if processor not in _TOOL_TURNS:
+        mark, eos = "\x00TURN\x00", processor.tokenizer.eos_token
+        messages = zoom_messages("?") + [{"role": "assistant", "content": mark},
+                                         {"role": "user", "content": [{"type": "image"}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if mark + eos not in text:
+            raise DataError("the chat template does not close an assistant turn with EOS right after its text: "
+                            "zoom conversations cannot be encoded turn by turn")
+        _TOOL_TURNS[processor] = text.split(mark + eos, 1)[1]
+    return _TOOL_TURNS[processor]
+
+
+def extend_turn(processor, enc, ids, image=None):
+    """A conversation's encoding (encode's dict) continued by a model turn, `ids` (EOS last; labelled), and,
+    given an image, the tool turn that shows it, up to the next assistant prompt (not labelled). The ids are
+    the model's own tokens when it generated them: nothing is re-tokenised."""
+    ids = torch.as_tensor(ids, dtype=enc["input_ids"].dtype)
+    parts = {"input_ids": [enc["input_ids"], ids], "labels": [enc["labels"], ids],
+             "mm_token_type_ids": [enc["mm_token_type_ids"], torch.zeros_like(ids)]}
+    pixels, grid = enc["pixel_values"], enc["image_grid_thw"]
+    if image is not None:
+        tool = processor(text=[tool_turn_text(processor)], images=[image], return_tensors="pt")
+        t_ids = tool["input_ids"][0]
+        parts["input_ids"].append(t_ids)
+        parts["labels"].append(torch.full_like(t_ids, IGNORE_INDEX))
+        parts["mm_token_type_ids"].append(tool["mm_token_type_ids"][0] if "mm_token_type_ids" in tool
+                                          else torch.zeros_like(t_ids))
+        pixels = tool["pixel_values"] if pixels is None else torch.cat([pixels, tool["pixel_values"]])
+        grid = tool["image_grid_thw"] if grid is None else torch.cat([grid, tool["image_grid_thw"]])
+    return {**{k: torch.cat(v) for k, v in parts.items()}, "pixel_values": pixels, "image_grid_thw": grid}
 
 
 def collate(encoded, pad_id, side="right"):
@@ -1144,6 +1227,95 @@ def generate(model, processor, examples, max_new_tokens=32, do_sample=False, tem
     """Batched generation; returns the decoded responses (special tokens dropped)."""
     results = generate_tokens(model, processor, examples, max_new_tokens, do_sample, temperature, images, features)
     return processor.tokenizer.batch_decode([r["ids"] for r in results], skip_special_tokens=True)
+
+
+# ------------------------------------------------------------------------------------- multi-turn zoom
+# A zoom call's box is written in the run's box format relative to the image the model is looking at (its
+# view: the full image, or the crop the last call opened); the runtime maps it back to the original image by
+# the view's offset (exact: a view is an integer crop, shown unscaled), crops the original there (at least one
+# vision token a side), and shows that crop as a tool turn.
+
+def zoom_call_text(box, view, box_format, decimals=3, processor=None):
+    """The zoom call that opens `box` (original pixels) from `view` (a crop box of the original): the inverse of
+    zoom_box's reading, up to the box format's rounding."""
+    vw, vh = view[2] - view[0], view[3] - view[1]
+    resized = smart_resize_hw(processor, vw, vh) if box_format == "qwen25" else None
+    local = [box[0] - view[0], box[1] - view[1], box[2] - view[0], box[3] - view[1]]
+    return ZOOM_OPEN + box_to_text(local, box_format, vw, vh, decimals, resized) + ZOOM_CLOSE
+
+
+def zoom_box(text, view, box_format, processor):
+    """What a model turn asks for: None when it makes no zoom call (the turn is the answer), "invalid" when its
+    call's box does not parse, else the box in original pixels (the runtime shows crop_box of it)."""
+    start = text.find(ZOOM_OPEN)
+    end = text.find(ZOOM_CLOSE, start + len(ZOOM_OPEN))
+    if start < 0 or end < 0:
+        return None
+    vw, vh = view[2] - view[0], view[3] - view[1]
+    resized = smart_resize_hw(processor, vw, vh) if box_format == "qwen25" else None
+    box = parse_box(text[start + len(ZOOM_OPEN):end], box_format, vw, vh, resized)
+    if box is None:
+        return "invalid"
+    return [view[0] + box[0], view[1] + box[1], view[0] + box[2], view[1] + box[3]]
+
+
+def cut_vision_tokens(ids, vision_ids):
+    """Generated ids up to the first vision special token (SPEC trap 3: it would be read as an image
+    placeholder in a training forward or the next turn), and whether one was there."""
+    for i, t in enumerate(ids):
+        if t in vision_ids:
+            return ids[:i], True
+    return ids, False
+
+
+@torch.no_grad()
+def zoom_conversations(model, processor, encoded, images, features, box_format, max_turns, **gen):
+    """Multi-turn zoom for a batch of conversations, turn by turn: every conversation still going generates in
+    one batched call, the views its calls open are encoded in one vision pass (each once), and each new turn
+    continues the conversation's encoding (extend_turn: its own tokens, never re-tokenised). encoded[k]: the
+    first turn's prompt (zoom_messages, encoded; a prompt sampled G times is listed G times), images[k] its
+    full image, features[k] that image's features. A conversation ends at a turn without a zoom call (the
+    answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens, or after max_turns turns.
+
+    Returns, per conversation: enc (everything before its last turn, earlier turns labelled), ids (the last
+    turn), text (the last turn, decoded), stopped (the last turn ended with EOS), images and features (every
+    image shown, in order), boxes (each call's box in original pixels) and views (the crop it opened, at least
+    one vision token a side), turns, invalid (an unparsable call or a vision token), max_turns_hit (its last
+    allowed turn was still a zoom call)."""
+    tok = processor.tokenizer
+    vision_ids = set(tok.convert_tokens_to_ids(list(VISION_TOKENS)))
+    convs = [{"enc": e, "images": [im], "features": [f], "boxes": [], "views": [], "turns": 0, "invalid": False,
+              "max_turns_hit": False} for e, im, f in zip(encoded, images, features)]
+    going = list(range(len(convs)))
+    for turn in range(max_turns):
+        results = generate_encoded(model, processor, [convs[k]["enc"] for k in going],
+                                   features=[convs[k]["features"] for k in going], **gen)
+        opened = []
+        for k, res in zip(going, results):
+            c = convs[k]
+            ids, bad = cut_vision_tokens(res["ids"], vision_ids)
+            text = tok.decode(ids, skip_special_tokens=True)
+            c["turns"] += 1
+            full = c["images"][0]
+            view = c["views"][-1] if c["views"] else [0, 0, full.width, full.height]
+            call = None if bad or not res["stopped"] else zoom_box(text, view, box_format, processor)
+            if call is None or call == "invalid" or turn == max_turns - 1:
+                c.update(ids=ids, text=text, stopped=res["stopped"] and not bad, invalid=bad or call == "invalid",
+                         max_turns_hit=call not in (None, "invalid"))
+            else:
+                opened.append((k, ids, call, crop_box(call, full.width, full.height, token_pixels(processor))))
+        crop_images = [convs[k]["images"][0].crop(tuple(view)) for k, _, _, view in opened]
+        for (k, ids, call, view), crop, f in zip(opened, crop_images, image_features(model, processor, crop_images)):
+            c = convs[k]
+            c["enc"] = extend_turn(processor, c["enc"], ids, crop)
+            c["images"].append(crop)
+            c["features"].append(f)
+            c["boxes"].append(call)
+            c["views"].append(view)
+        going = [k for k, *_ in opened]
+        if not going:
+            break
+    return convs
 
 
 # ----------------------------------------------------------------------------------------------- runtime

@@ -7,6 +7,7 @@
     python eval.py --protocol virft-cls --questions records.jsonl --predictions preds.jsonl --out r.json
     python eval.py --protocol grounding --questions records.jsonl --predictions preds.jsonl --out r.json
     python eval.py --protocol chain --questions records.jsonl --model runs/sft/final --out r.json
+    python eval.py --protocol zoom --questions records.jsonl --model runs/grpo_zoom/final --out r.json
 
 Several --questions files (one per dataset) take as many --predictions files, in the same order; the table
 has a row per dataset and their mean. --model DIR [--adapter A] runs inference first (infer.py's code;
@@ -48,7 +49,7 @@ import common
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 import convert_viscot  # noqa: E402
 
-PROTOCOLS = ("viscot-det", "viscot-answer", "virft-det", "virft-cls", "grounding", "chain")
+PROTOCOLS = ("viscot-det", "viscot-answer", "virft-det", "virft-cls", "grounding", "chain", "zoom")
 PARSERS = {"viscot-det": ("viscot", "lenient"), "virft-det": ("virft", "strict")}  # the first is the default
 RULE_NAMES = {  # what the report's settings say was used
     "viscot": "viscot (Visual-CoT's own)",
@@ -104,6 +105,7 @@ def parse_args(argv=None):
     m.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
     m.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64,
                    help="tokens per step (virft: use 512+ for <think>)")
+    m.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
     args = parser.parse_args(argv)
     allowed = PARSERS.get(args.protocol, ())
     if args.parser is not None and args.parser not in allowed:
@@ -154,7 +156,7 @@ def load_questions(protocol, path):
             raise common.DataError(f"{path}: no questions" + (" (a COCO file with images, annotations and "
                                                               "categories)" if protocol == "virft-det" else ""))
         return questions
-    if protocol == "chain":
+    if protocol in ("chain", "zoom"):
         return common.read_records(path)
     return [row for _, row in common.input_rows(path, "questions")]
 
@@ -660,6 +662,27 @@ def score_chain(records, preds, args, paths, judge):
     return {**metrics, **judge_summary(verdicts)}, rows, {"judge": judge.name}
 
 
+def score_zoom(records, preds, args, paths, judge):
+    """chain's scores on the zoom loop's rows (box: the last call's, none when the model answered at once) and
+    its turn statistics: mean turns and calls, invalid calls, rollouts stopped at --max_turns, and the answer
+    score by number of turns."""
+    metrics, rows, extra = score_chain(records, preds, args, paths, judge)
+    by_id = by_key(preds, record_id, paths[1])
+    took = [by_id.get(record_id(r), {}) for r in records]
+    n = max(len(took), 1)
+    metrics.update(turns=sum(p.get("turns", 0) for p in took) / n,
+                   zoom_calls=sum(len(p.get("views") or []) for p in took) / n,
+                   invalid_calls=sum(bool(p.get("invalid_call")) for p in took),
+                   max_turns_hit=sum(bool(p.get("max_turns_hit")) for p in took))
+    for row, p in zip(rows, took):
+        row.update(turns=p.get("turns"), zoom_calls=len(p.get("views") or []))
+    for t in sorted({row["turns"] for row in rows if row["turns"]}):
+        scores = [row["answer_score"] for row in rows if row["turns"] == t]
+        metrics[f"answer_score_turns_{t}"] = float(np.mean(scores))
+        metrics[f"n_turns_{t}"] = len(scores)
+    return metrics, rows, extra
+
+
 # ------------------------------------------------------------------------------ --model: infer first
 
 def model_records(protocol, questions, qpath):
@@ -689,7 +712,8 @@ def model_records(protocol, questions, qpath):
         recs = [dict(r, id=record_id(r), question=r.get("problem") or r["question"]) for r in questions]
         return recs, "direct" if with_problem else "focus", lambda row, rec: {
             "id": rec["id"], "text": row["answer"] if with_problem else row["box_text"], "box": row["box"]}
-    return questions, "chain", lambda row, rec: row  # chain: infer.py's rows are the predictions
+    # chain, zoom: infer.py's rows are the predictions
+    return questions, protocol, lambda row, rec: row
 
 
 def run_model(model, processor, args, protocol, questions, qpath, pred_path):
@@ -701,9 +725,10 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
     # Predictions resume across runs; ones made by another model or other settings must not be mixed in.
     _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size,
                                   made_by=dict(common.model_stamp(args), mode=mode, box_format=args.box_format,
-                                               prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens),
+                                               prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens,
+                                               **({"max_turns": args.max_turns} if mode == "zoom" else {})),
                                   mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
-                                  max_new_tokens=args.max_new_tokens)
+                                  max_new_tokens=args.max_new_tokens, max_turns=args.max_turns)
     if errors:
         raise common.DataError(f"{len(errors)} images failed to load (first: {errors[0]['error']}); "
                                f"listed in {raw_path}.errors.jsonl")
@@ -714,7 +739,7 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
 # ------------------------------------------------------------------------------------------- report
 
 SUMMED = ("correct", "total", "unparsable", "missing", "n", "predictions", "detections", "judge_unparsable",
-          "judge_failed", "partial", "unscored", "empty_answer_correct")
+          "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls", "max_turns_hit")
 COLUMNS = {
     "viscot-det": ("accuracy", "correct", "total", "unparsable"),
     "viscot-answer": ("answer_score", "total", "judge_unparsable", "judge_failed"),
@@ -722,6 +747,7 @@ COLUMNS = {
     "virft-cls": ("accuracy", "correct", "total", "unparsable", "empty_answer_correct"),
     "grounding": ("n", "parseable", "box_acc", "miou", "giou", "ciou"),
     "chain": ("n", "parseable", "box_acc", "miou", "answer_score"),
+    "zoom": ("n", "answer_score", "box_acc", "turns", "zoom_calls", "invalid_calls", "max_turns_hit"),
 }
 
 
@@ -731,7 +757,7 @@ def mean_over_datasets(per_dataset):
     for key, value in next(iter(per_dataset.values())).items():
         values = [m[key] for m in per_dataset.values() if isinstance(m.get(key), (int, float))]
         if isinstance(value, (int, float)) and not isinstance(value, bool) and len(values) == len(per_dataset):
-            out[key] = sum(values) if key in SUMMED else float(np.mean(values))
+            out[key] = sum(values) if key in SUMMED or key.startswith("n_turns_") else float(np.mean(values))
     return out
 
 
@@ -741,7 +767,7 @@ def fmt(v):
 
 def main(argv=None):
     args = parse_args(argv)
-    judge = Judge(args) if args.protocol in ("viscot-answer", "chain") else None
+    judge = Judge(args) if args.protocol in ("viscot-answer", "chain", "zoom") else None
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
     per_dataset, settings, items = {}, {}, []
     if args.model:
@@ -766,7 +792,7 @@ def main(argv=None):
         if scorer:
             metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath))
         else:
-            scorer = score_viscot_answer if args.protocol == "viscot-answer" else score_chain
+            scorer = {"viscot-answer": score_viscot_answer, "chain": score_chain, "zoom": score_zoom}[args.protocol]
             metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath), judge)
         per_dataset[name] = metrics
         settings.update(extra)

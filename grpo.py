@@ -23,6 +23,11 @@ Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
   focus           VisRL's chain as one rollout: box (step 1) -> crop -> answer (step 2); reward: answer
                   (rule judge on the record's answer). Both steps' tokens get the rollout's advantage; an
                   unparsable box ends the rollout with reward 0.
+  zoom            multi-turn zoom (README "Zoom"): each turn the policy answers or writes <zoom>box</zoom>, and
+                  the runtime shows it that region of the image as the next turn, up to --max_turns turns;
+                  reward: answer (add zoom_tool for DeepEyes' tool bonus, granted only with a right answer, or
+                  zoom_used for any call). One sequence per rollout: every model turn is trained, the tool
+                  turns (the views) are not; an unparsable call ends the rollout with reward 0.
 
 Data: our records (id, image, question, answer, bbox) or Visual-RFT records (image, problem, solution);
 filter_pairs.py --grpo_out writes the latter for our questions. A record with `problem` is prompted with it
@@ -50,9 +55,9 @@ import torch
 import common
 from common import Example, Runtime
 
-TASKS = ("detection", "classification", "grounding", "focus")
+TASKS = ("detection", "classification", "grounding", "focus", "zoom")
 DEFAULT_REWARDS = {"detection": "format,det_iou,det_confidence", "classification": "format,cls",
-                   "grounding": "grounding_giou", "focus": "answer"}
+                   "grounding": "grounding_giou", "focus": "answer", "zoom": "answer"}
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "dr-grpo")
 RECORD_FIELDS = ("solution", "answer", "bbox", "width", "height", "resized_hw")
 
@@ -76,7 +81,10 @@ def parse_args(argv=None):
     r = parser.add_argument_group("GRPO")
     r.add_argument("--num_generations", type=common.bounded(int, 2), default=8,
                    help="G: completions per prompt (at least 2: a group of one has no advantage)")
-    r.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=256, help="completion tokens per step")
+    r.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=256,
+                   help="completion tokens per step (per turn for zoom)")
+    r.add_argument("--max_turns", type=common.POSITIVE_INT, default=3,
+                   help="zoom: model turns per rollout (the last must answer)")
     r.add_argument("--temperature", type=common.POSITIVE, default=1.0,
                    help="sampling temperature (also in the log-probs)")
     r.add_argument("--beta", type=common.NONNEGATIVE, default=0.04, help="KL weight; 0 loads no reference model")
@@ -311,10 +319,23 @@ def answer_reward(completions, answer=None, solution=None, rule_metric="f1", **_
             for c, ref in zip(completions, _first_given(answer, solution, len(completions)))]
 
 
+def zoom_used_reward(completions, calls, **_):
+    """1 when the rollout made at least one zoom call."""
+    return [float(n > 0) for n in calls]
+
+
+def zoom_tool_reward(completions, calls, answer=None, solution=None, rule_metric="f1", **_):
+    """DeepEyes' tool bonus: 1 when the rollout zoomed and its answer scores full marks (a call alone earns
+    nothing, so the policy is not paid to zoom without need)."""
+    right = answer_reward(completions, answer, solution, rule_metric)
+    return [float(n > 0 and r >= 1.0) for n, r in zip(calls, right)]
+
+
 REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence": det_confidence_reward,
            "det_iou_strict": det_iou_strict_reward, "det_confidence_strict": det_confidence_strict_reward,
            "cls": cls_reward, "cls_virft": cls_virft_reward, "grounding_giou": grounding_giou_reward,
-           "grounding_iou": grounding_iou_reward, "answer": answer_reward}
+           "grounding_iou": grounding_iou_reward, "answer": answer_reward, "zoom_used": zoom_used_reward,
+           "zoom_tool": zoom_tool_reward}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -323,7 +344,7 @@ def read_prompts(path, image_root, task):
     """Prompt records, checked for what the task's rewards need, ids unique, every image decoded and checked
     against its record (common.check_images); errors name file and line, or the record."""
     need = {"detection": ("solution",), "classification": ("solution", "answer"),
-            "grounding": ("bbox", "solution"), "focus": ("answer", "solution")}[task]
+            "grounding": ("bbox", "solution"), "focus": ("answer", "solution"), "zoom": ("answer", "solution")}[task]
     prompts, seen = [], {}
     for lineno, rec in common.input_rows(path, "prompts"):
         where = f"{path}:{lineno}"
@@ -344,6 +365,8 @@ def read_prompts(path, image_root, task):
 
 def first_messages(prompt, task, prompt_set):
     """The prompt of a rollout's first (for focus: box) step."""
+    if task == "zoom":
+        return common.zoom_messages(prompt["text"])
     if task == "focus":
         return common.focus_messages(prompt["text"], prompt_set)
     if prompt["raw"] or task != "grounding":
@@ -352,15 +375,6 @@ def first_messages(prompt, task, prompt_set):
 
 
 # --------------------------------------------------------------------------------------------- rollouts
-
-def cut_vision_tokens(ids, vision_ids):
-    """Generated ids up to the first vision special token (SPEC trap 3: it would be read as an image
-    placeholder in the training forward), and whether one was there."""
-    for i, t in enumerate(ids):
-        if t in vision_ids:
-            return ids[:i], True
-    return ids, False
-
 
 @contextlib.contextmanager
 def lora_merged(module, enabled):
@@ -389,20 +403,29 @@ def lora_merged(module, enabled):
 def rollout(module, processor, prompts, images, args, n, do_sample):
     """n rollouts of each prompt, in prompt order (rollout k belongs to prompt k // n). Each prompt is encoded
     and its image run through the vision tower once; its n samples share both. A rollout: its sequences
-    (one per step: the encoded prompt, the completion ids, the images and their features), its text (what
-    the rewards read: for focus the answer), and for focus the box."""
+    (one per step: the encoded prompt, the completion ids, the images and their features; zoom: one, its
+    earlier turns labelled in the prompt's encoding), its text (what the rewards read: for focus and zoom the
+    answer), for focus the box, for zoom its calls and turns."""
     tok = processor.tokenizer
     vision_ids = set(tok.convert_tokens_to_ids(list(common.VISION_TOKENS)))
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=args.temperature)
     full = common.image_features(module, processor, images)
     enc = [common.encode(processor, Example(p["rec"], None, first_messages(p, args.task, args.prompt_set)), [im])
            for p, im in zip(prompts, images)]
+    if args.task == "zoom":
+        convs = common.zoom_conversations(module, processor, [e for e in enc for _ in range(n)],
+                                          [im for im in images for _ in range(n)], [f for f in full for _ in range(n)],
+                                          args.box_format, args.max_turns, **gen)
+        return [{"prompt": k // n, "text": c["text"], "invalid": c["invalid"], "calls": len(c["views"]),
+                 "boxes": c["boxes"], "views": c["views"], "turns": c["turns"], "max_turns_hit": c["max_turns_hit"],
+                 "seqs": [{k2: c[k2] for k2 in ("enc", "ids", "stopped", "images", "features")}]}
+                for k, c in enumerate(convs)]
     results = common.generate_encoded(module, processor, [e for e in enc for _ in range(n)],
                                       features=[[f] for f in full for _ in range(n)], **gen)
     rollouts = []
     for k, res in enumerate(results):
         i = k // n
-        ids, bad = cut_vision_tokens(res["ids"], vision_ids)
+        ids, bad = common.cut_vision_tokens(res["ids"], vision_ids)
         rollouts.append({"prompt": i, "text": tok.decode(ids, skip_special_tokens=True), "invalid": bad,
                          "seqs": [{"enc": enc[i], "ids": ids, "stopped": res["stopped"] and not bad,
                                    "images": [images[i]], "features": [full[i]]}]})
@@ -431,7 +454,7 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
     answers = common.generate_encoded(module, processor, enc2, features=[[full[r["prompt"]], f] for r, f in
                                                                          zip(todo, crop_feats)], **gen)
     for r, e, c, f, res in zip(todo, enc2, crops, crop_feats, answers):
-        ids, bad = cut_vision_tokens(res["ids"], vision_ids)
+        ids, bad = common.cut_vision_tokens(res["ids"], vision_ids)
         r["invalid"] |= bad
         r["text"] = tok.decode(ids, skip_special_tokens=True)
         r["seqs"].append({"enc": e, "ids": ids, "stopped": res["stopped"] and not bad,
@@ -445,6 +468,7 @@ def score(rollouts, prompts, args):
     completions = [r["text"] for r in rollouts]
     fields = {k: [prompts[r["prompt"]]["rec"].get(k) for r in rollouts] for k in RECORD_FIELDS}
     fields = {k: (v if any(x is not None for x in v) else None) for k, v in fields.items()}
+    fields["calls"] = [r.get("calls", 0) for r in rollouts]
     per_fn = {name: REWARDS[name](completions, **fields, box_format=args.box_format, rule_metric=args.rule_metric)
               for name in args.rewards}
     total = []
@@ -468,15 +492,14 @@ def group_advantages(rewards, scale, batch_std=None, tol=1e-6):
 # ------------------------------------------------------------------------------------------------ loss
 
 def train_batch(seqs):
-    """Prompt + completion of each sequence as one labelled example (labels: the completion, EOS included)."""
-    encoded = []
-    for s in seqs:
-        e, ids = s["enc"], torch.tensor(s["ids"], dtype=s["enc"]["input_ids"].dtype)
-        encoded.append({"input_ids": torch.cat([e["input_ids"], ids]),
-                        "labels": torch.cat([torch.full_like(e["input_ids"], common.IGNORE_INDEX), ids]),
-                        "mm_token_type_ids": torch.cat([e["mm_token_type_ids"], torch.zeros_like(ids)]),
-                        "pixel_values": e["pixel_values"], "image_grid_thw": e["image_grid_thw"]})
-    return encoded
+    """Prompt + completion of each sequence as one labelled example (labels: the completion, EOS included,
+    and a zoom conversation's earlier model turns, already labelled in its prompt's encoding)."""
+    return [common.extend_turn(None, s["enc"], s["ids"]) for s in seqs]
+
+
+def model_tokens(seq):
+    """The policy's own tokens in a sequence: its completion and any earlier turns (the loss tokens)."""
+    return len(seq["ids"]) + int((seq["enc"]["labels"] != common.IGNORE_INDEX).sum())
 
 
 def sequence_logps(model, module, processor, seqs, temperature, device, reuse_features):
@@ -527,6 +550,29 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, weights, beta, epsilon
 
 # ------------------------------------------------------------------------------------------------ loop
 
+def zoom_sums(rollouts, rewards, max_turns):
+    """Zoom rollouts' counts, summed over this rank (zoom_metrics turns them into means): turns, zoom calls,
+    rollouts whose last allowed turn was still a call, and the reward by the number of turns taken."""
+    sums = {"turns": float(sum(r["turns"] for r in rollouts)), "zoom_calls": float(sum(r["calls"] for r in rollouts)),
+            "max_turns_hit": float(sum(r["max_turns_hit"] for r in rollouts))}
+    for t in range(1, max_turns + 1):
+        took = [v for r, v in zip(rollouts, rewards) if r["turns"] == t]
+        sums[f"turns_{t}/rollouts"], sums[f"turns_{t}/reward"] = float(len(took)), float(sum(took))
+    return sums
+
+
+def zoom_metrics(total, max_turns):
+    n = total["rollouts"]
+    out = {"turns": total["turns"] / n, "zoom_calls": total["zoom_calls"] / n,
+           "max_turns_hit": total["max_turns_hit"] / n}
+    for t in range(1, max_turns + 1):
+        took = total[f"turns_{t}/rollouts"]
+        out[f"share_turns_{t}"] = took / n
+        if took:  # the mean reward of the rollouts that took t turns (none: no entry)
+            out[f"reward_turns_{t}"] = total[f"turns_{t}/reward"] / took
+    return out
+
+
 def load_images(prompts, image_root):
     return [common.load_image(p["rec"], image_root) for p in prompts]
 
@@ -554,6 +600,8 @@ def evaluate(rt, processor, prompts, args):
         per_fn, total = score(rollouts, chunk, args)
         for name, values in per_fn.items():
             sums[f"eval_rewards/{name}"] = sums.get(f"eval_rewards/{name}", 0.0) + sum(values)
+        if args.task == "zoom":
+            sums["eval_zoom_calls"] = sums.get("eval_zoom_calls", 0.0) + sum(r["calls"] for r in rollouts)
         sums["eval_reward"] = sums.get("eval_reward", 0.0) + sum(total)
         n += len(rollouts)
     module.train()
@@ -601,7 +649,7 @@ def main(argv=None):
     if eval_prompts and start_step == 0:
         log.write({"step": 0, **evaluate(rt, processor, eval_prompts, args)})
 
-    steps_per_rollout = 2 if args.task == "focus" else 1
+    steps_per_rollout = {"focus": 2, "zoom": args.max_turns}.get(args.task, 1)
     max_tokens = args.max_new_tokens * steps_per_rollout
     per_rank = args.batch_size * args.grad_accum
     bar = common.progress(range(start_step, total_steps), rt.is_main, desc="grpo", initial=start_step,
@@ -654,7 +702,7 @@ def main(argv=None):
 
         # 2. Updates. Normalisers of the whole optimizer step: rollouts and loss tokens over micro-batches and ranks.
         n_rollouts = rt.all_sum(sum(len(mb["rollouts"]) for mb in micro))
-        n_tokens = rt.all_sum(sum(len(s["ids"]) * bool(k) for mb in micro for s, k in zip(mb["seqs"], mb["keep"])))
+        n_tokens = rt.all_sum(sum(model_tokens(s) * bool(k) for mb in micro for s, k in zip(mb["seqs"], mb["keep"])))
         sums = {}
         for _ in range(args.num_iterations):
             for m, mb in enumerate(micro):
@@ -676,12 +724,15 @@ def main(argv=None):
         local = {"reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()),
                  "group_std": float(rewards.std(1).sum()), "groups": float(rewards.shape[0]),
                  "zero_std_groups": float(flat.sum()), "rollouts": float(rewards.numel()),
-                 "completion_tokens": float(sum(len(s["ids"]) for mb in micro for s in mb["seqs"])),
+                 "completion_tokens": float(sum(model_tokens(s) for mb in micro for s in mb["seqs"])),
                  "truncated": float(sum(not all(s["stopped"] for s in r["seqs"]) for mb in micro
                                         for r in mb["rollouts"])),
                  "invalid": float(sum(r["invalid"] for mb in micro for r in mb["rollouts"]))}
         if args.task == "focus":
             local["unparsable_box"] = float(sum(r["box"] is None for mb in micro for r in mb["rollouts"]))
+        if args.task == "zoom":
+            local.update(zoom_sums([r for mb in micro for r in mb["rollouts"]],
+                                   [v for mb in micro for v in mb["reward"]], args.max_turns))
         for name in args.rewards:
             values = [v for mb in micro for v in mb["per_fn"][name]]
             local[f"rewards/{name}"], local[f"rewards/{name}/sq"] = sum(values), sum(v * v for v in values)
@@ -708,6 +759,8 @@ def main(argv=None):
                         "epoch": (step + 1) / steps_per_epoch})
         if "unparsable_box" in total:
             metrics["unparsable_box"] = total["unparsable_box"] / n
+        if args.task == "zoom":
+            metrics.update(zoom_metrics(total, args.max_turns))
         if (step + 1) % args.log_steps == 0:
             log.write(metrics)
         if rt.is_main:
@@ -715,7 +768,8 @@ def main(argv=None):
         if args.sample_steps and (step % args.sample_steps == 0):
             mb = micro[0]  # the step's first group
             samples.write({"step": step + 1, "id": mb["prompts"][0]["rec"]["id"], "prompt": mb["prompts"][0]["text"],
-                           "completions": [{"box_text": r.get("box_text"), "text": r["text"], "reward": mb["reward"][k],
+                           "completions": [{"box_text": r.get("box_text"), "views": r.get("views"), "text": r["text"],
+                                            "reward": mb["reward"][k],
                                             "advantage": float(mb["adv"][k]),
                                             "rewards": {name: mb["per_fn"][name][k] for name in args.rewards}}
                                            for k, r in enumerate(mb["rollouts"][:G])]})

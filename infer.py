@@ -6,14 +6,17 @@ looking at the full image and the crop. Batched, greedy or sampled; or an OpenAI
     python infer.py --serve --model DIR [--host 127.0.0.1] [--port 8000] [--image_dir DIR]
 
 Modes: chain (focus box -> crop -> answer), focus (the box step alone), direct (image + question as the
-whole prompt, one step, no box), gt_box (the record's annotated box is the crop; no focus step).
+whole prompt, one step, no box), gt_box (the record's annotated box is the crop; no focus step), zoom
+(multi-turn: the model answers or writes <zoom>box</zoom> and is shown that region, up to --max_turns turns;
+README "Zoom"; rows carry each call's box and view, turns and invalid_call; box is the last call's box).
 Output: one JSON line per record, appended as each batch finishes; a rerun with the same --out skips the
 records already there. Records whose image fails to load go to OUT.errors.jsonl and are retried by the
 next run.
 
 The endpoint serves `POST /v1/chat/completions` and `GET /v1/models`. Model `<name>` is plain chat;
 `<name>-two-step` runs the chain on the conversation's one image and its last user text, and returns the
-answer as the message content plus the box under `focus`. Images come as base64 `data:` URLs, or as local
+answer as the message content plus the box under `focus`; `<name>-zoom` runs the zoom loop the same way
+(--max_turns) and returns its views and turns under `focus`. Images come as base64 `data:` URLs, or as local
 paths only under --image_dir; remote URLs are never fetched. It binds to 127.0.0.1 unless told otherwise.
 """
 import base64
@@ -32,7 +35,7 @@ from PIL import Image
 
 import common
 
-MODES = ("chain", "focus", "direct", "gt_box")
+MODES = ("chain", "focus", "direct", "gt_box", "zoom")
 
 
 def parse_args(argv=None):
@@ -45,7 +48,8 @@ def parse_args(argv=None):
     g.add_argument("--image", default=None, help="one image file (with --question): print one answer")
     g.add_argument("--question", default=None, help="the question for --image")
     g.add_argument("--mode", default="chain", choices=MODES,
-                   help="chain, focus (box only), direct (no box) or gt_box (annotated crop)")
+                   help="chain, focus (box only), direct (no box), gt_box (annotated crop) or zoom (multi-turn)")
+    g.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                    help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
@@ -86,7 +90,7 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------- the chain
 
 def run_batch(model, processor, records, images, mode="chain", box_format="viscot", prompt_set="visrl",
-              max_new_tokens=64, do_sample=False, temperature=1.0, max_time=None):
+              max_new_tokens=64, do_sample=False, temperature=1.0, max_time=None, max_turns=3):
     """One output row per record. `images` are the records' full images (PIL), decoded once; each goes
     through the vision tower once, and both steps use its features. Timings are the step's batch time
     divided by the batch size (the full images' encode counts to the first step)."""
@@ -98,6 +102,19 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, max_time=max_time)
     t = time.time()
     full = common.image_features(model, processor, images)
+
+    if mode == "zoom":
+        first = [common.encode(processor, common.Example(rec, None, common.zoom_messages(rec["question"])), [im])
+                 for rec, im in zip(records, images)]
+        convs = common.zoom_conversations(model, processor, first, images, full, box_format, max_turns, **gen)
+        for row, c, e in zip(rows, convs, first):
+            last = (c["boxes"][-1], c["views"][-1]) if c["views"] else (None, None)
+            tokens = len(c["ids"]) + int((c["enc"]["labels"] != common.IGNORE_INDEX).sum())  # every model turn
+            row.update(answer=c["text"], box=last[0], crop=last[1], boxes=c["boxes"], views=c["views"], turns=c["turns"],
+                       invalid_call=c["invalid"], max_turns_hit=c["max_turns_hit"], focus_s=0.0,
+                       answer_s=(time.time() - t) / n, usage={"zoom": {
+                           "prompt_tokens": len(e["input_ids"]), "completion_tokens": tokens, "stopped": c["stopped"]}})
+        return rows
 
     if mode == "direct":
         examples = [common.Example(rec, None, common.direct_messages(rec["question"])) for rec in records]
@@ -273,12 +290,15 @@ class Server:
 
     def models(self):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "local"}
-                                           for name in (self.name, self.name + "-two-step")]}
+                                           for name in self.names()]}
+
+    def names(self):
+        return (self.name, self.name + "-two-step", self.name + "-zoom")
 
     def complete(self, body):
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
-        if body.get("model") not in (self.name, self.name + "-two-step"):
+        if body.get("model") not in self.names():
             raise RequestError(404, f"unknown model {body.get('model')!r}; GET /v1/models lists them", "model")
         if body.get("stream"):
             raise RequestError(400, "streaming is not supported", "stream")
@@ -300,8 +320,8 @@ class Server:
                    max_time=self.args.max_generate_s)
         rid = "chatcmpl-" + uuid.uuid4().hex
         with self.lock, torch.no_grad():
-            if body["model"].endswith("-two-step"):
-                choices, usage = self._two_step(messages, images, n, gen)
+            if body["model"] != self.name:
+                choices, usage = self._focused(messages, images, n, gen, body["model"][len(self.name) + 1:])
             else:
                 choices, usage = self._chat(messages, images, n, gen, rid)
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": body["model"],
@@ -317,18 +337,22 @@ class Server:
         prompt, completion = results[0]["prompt_tokens"], sum(len(r["ids"]) for r in results)
         return choices, {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _two_step(self, messages, images, n, gen):
+    def _focused(self, messages, images, n, gen, kind):
+        """The two-step chain (kind "two-step") or the zoom loop ("zoom") on the one image and the last user text."""
         if len(images) != 1:
-            raise RequestError(400, f"the two-step model needs exactly one image, got {len(images)}", "messages")
+            raise RequestError(400, f"the {kind} model needs exactly one image, got {len(images)}", "messages")
         texts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
         question = texts[-1].strip() if texts else ""
         if not question:
-            raise RequestError(400, "the two-step model needs a question in the last user text", "messages")
+            raise RequestError(400, f"the {kind} model needs a question in the last user text", "messages")
+        mode = "zoom" if kind == "zoom" else "chain"
         rows = run_batch(self.model, self.processor, [{"id": str(i), "question": question} for i in range(n)],
-                         images * n, "chain", self.args.box_format, self.args.prompt_set, **gen)
+                         images * n, mode, self.args.box_format, self.args.prompt_set, max_turns=self.args.max_turns,
+                         **gen)
+        shown = ("boxes", "views", "turns", "invalid_call") if mode == "zoom" else ("box_text", "box", "crop")
         choices = [{"index": i, "message": {"role": "assistant", "content": row["answer"]},
-                    "finish_reason": "stop" if row["usage"]["answer"]["stopped"] else "length",
-                    "focus": {"box_text": row["box_text"], "box": row["box"], "crop": row["crop"]}}
+                    "finish_reason": "stop" if list(row["usage"].values())[-1]["stopped"] else "length",
+                    "focus": {k: row[k] for k in shown}}
                    for i, row in enumerate(rows)]
         steps = [u for row in rows for u in row["usage"].values()]
         prompt = sum(u["prompt_tokens"] for u in rows[0]["usage"].values())  # the prompts, counted once
@@ -475,7 +499,8 @@ def main(argv=None):
         serve(model, processor, args)
         return
     chain_kw = dict(mode=args.mode, box_format=args.box_format, prompt_set=args.prompt_set,
-                    max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature)
+                    max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                    **({"max_turns": args.max_turns} if args.mode == "zoom" else {}))
     if args.image:
         rec = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question}
         print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))

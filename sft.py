@@ -1,7 +1,10 @@
 """Two-step bbox SFT (SPEC 4.1): each annotated record gives two examples,
   step 1 (focus):  [image, question + focus prompt]          -> the box as text
   step 2 (answer): [image, question + answer prompt, crop]  -> the answer
-with token cross-entropy on the assistant tokens only. Defaults are VisRL's: LoRA r8/a16 on the language
+and a record with a zoom trace (`zooms`: a list of boxes in original pixels, each inside the one before) one
+multi-turn example, the cold start of the zoom policy (README "Zoom"):
+  zoom: [image, question + zoom prompt] -> <zoom>box 1</zoom> -> [view 1] -> ... -> the answer
+with token cross-entropy on the assistant tokens only (every model turn of a trace). Defaults are VisRL's: LoRA r8/a16 on the language
 model, vision tower frozen, lr 1e-4, 3 epochs, cosine with 10 % warm-up.
 
     python sft.py --model Qwen/Qwen2-VL-7B-Instruct --data train.jsonl --image_root imgs --output_dir out/sft
@@ -29,7 +32,8 @@ g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SET
 g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                help="box text format (SPEC 3); native: the model family's")
 g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of viscot/norm box text")
-g.add_argument("--steps", default="focus,answer", help="which of the two steps to train on")
+g.add_argument("--steps", default="focus,answer,zoom",
+               help="which examples to train on: focus and answer (records with a bbox), zoom (records with zooms)")
 g.add_argument("--cutoff_len", type=common.POSITIVE_INT, default=4096,
                help="longest sequence; longer examples are skipped and counted, never truncated")
 g.add_argument("--num_workers", type=common.COUNT, default=0, help="DataLoader workers that load and encode images")
@@ -37,40 +41,55 @@ common.add_model_args(parser)
 common.add_finetune_args(parser)
 common.add_runtime_args(parser)
 args = parser.parse_args()
-KINDS = ("focus", "answer")
+KINDS = ("focus", "answer", "zoom")
 if not set(args.steps.split(",")) <= set(KINDS):
     parser.error(f"--steps takes a comma-separated subset of {KINDS}, got {args.steps!r}")
 
 
 def kind_of(ex):
-    return "answer" if ex.crop else "focus"
+    return "zoom" if ex.views else "answer" if ex.crop else "focus"
 
 
 def build_examples(records, processor, show_progress):
-    """Both steps of every record that has a box; over-long examples are skipped and counted. Every image is
-    decoded and checked against its record first (common.check_images)."""
-    examples, skipped = [], {"no_bbox": sum(rec.get("bbox") is None for rec in records), "too_long": 0}
+    """Both steps of every record that has a box, the zoom trace of every record that has one; over-long
+    examples are skipped and counted. Every image is decoded and checked against its record first
+    (common.check_images)."""
+    usable = [rec for rec in records if rec.get("bbox") is not None or rec.get("zooms") is not None]
+    examples, skipped = [], {"no_bbox": len(records) - len(usable), "too_long": 0}
     steps = set(args.steps.split(","))
-    records = [rec for rec in records if rec.get("bbox") is not None]
-    sizes = common.check_images(records, args.image_root, show_progress)
+    sizes = common.check_images(usable, args.image_root, show_progress)
     min_crop = common.token_pixels(processor)
-    for rec, (w, h) in zip(common.progress(records, show_progress, desc="examples"), sizes):
+    for rec, (w, h) in zip(common.progress(usable, show_progress, desc="examples"), sizes):
         resized = smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
         candidates = []
-        if "focus" in steps:
+        if "focus" in steps and rec.get("bbox") is not None:
             candidates.append(Example(rec, args.image_root, common.focus_messages(rec["question"], args.prompt_set),
                                       box_to_text(rec["bbox"], args.box_format, w, h, args.box_decimals, resized)))
-        if "answer" in steps:
+        if "answer" in steps and rec.get("bbox") is not None:
             candidates.append(Example(rec, args.image_root, common.answer_messages(rec["question"], args.prompt_set),
                                       rec["answer"], crop=crop_box(rec["bbox"], w, h, min_crop)))
+        if "zoom" in steps and rec.get("zooms") is not None:
+            candidates.append(zoom_example(rec, processor, w, h, min_crop))
         for ex in candidates:
             ex.n_tokens = common.estimate_tokens(processor, ex, w, h)
-            ex.n_labels = len(processor.tokenizer(ex.response, add_special_tokens=False)["input_ids"]) + 1
+            ex.n_labels = sum(len(common.response_ids(processor, text)) for text in ex.calls + [ex.response])
             if ex.n_tokens > args.cutoff_len:
                 skipped["too_long"] += 1
             else:
                 examples.append(ex)
     return examples, skipped
+
+
+def zoom_example(rec, processor, w, h, min_crop):
+    """A zoom trace as one conversation: each call written relative to the view before it (the full image,
+    then the crop the last call opened), each view the crop the runtime would open, then the answer."""
+    calls, views, view = [], [], [0, 0, w, h]
+    for box in rec["zooms"]:
+        calls.append(common.zoom_call_text(box, view, args.box_format, args.box_decimals, processor))
+        view = crop_box(box, w, h, min_crop)
+        views.append(view)
+    return Example(rec, args.image_root, common.zoom_messages(rec["question"]), rec["answer"], calls=calls,
+                   views=views)
 
 
 def main():

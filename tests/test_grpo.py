@@ -127,7 +127,7 @@ def test_rewards_are_aligned_and_typed():
     assert grpo.REWARDS["det_iou"](texts, solution=sols) == [1.0, 0.5, 0.0]  # published: 'No Objects' scores 0
     for name, fn in grpo.REWARDS.items():
         out = fn(["x"] * 3, solution=["<answer>x</answer>"] * 3, answer=["x"] * 3, bbox=[[0, 0, 5, 5]] * 3,
-                 width=[10] * 3, height=[10] * 3)
+                 width=[10] * 3, height=[10] * 3, calls=[0, 1, 2])
         assert len(out) == 3 and all(isinstance(v, float) for v in out), name
 
 
@@ -337,8 +337,8 @@ def test_vision_tokens_never_reach_training(policy):
     _, processor = policy
     vision = set(processor.tokenizer.convert_tokens_to_ids(list(common.VISION_TOKENS)))
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    assert grpo.cut_vision_tokens([5, 6, pad, 7], vision) == ([5, 6], True)
-    assert grpo.cut_vision_tokens([5, 6, 7], vision) == ([5, 6, 7], False)
+    assert common.cut_vision_tokens([5, 6, pad, 7], vision) == ([5, 6], True)
+    assert common.cut_vision_tokens([5, 6, 7], vision) == ([5, 6, 7], False)
 
 
 def lora_policy(toy, dtype):

@@ -1,0 +1,237 @@
+"""Multi-turn zoom (README "Zoom"): the call format and its mapping back to the original image, a conversation's
+turn-by-turn encoding against the whole conversation rendered and encoded at once, SFT on zoom traces, and
+GRPO's zoom rollouts (B prompts x G samples with different numbers of turns keep their own images, features,
+log-probs and rewards; the script resumes exactly)."""
+import json
+import math
+
+import pytest
+import torch
+from conftest import FAMILIES, PY, run_script
+from test_grpo import length_reward, metric_rows
+
+import common
+import grpo
+
+
+def conversation_messages(question, calls, answer):
+    """The whole conversation as chat messages, for the chat template to render in one piece."""
+    messages = common.zoom_messages(question)
+    for call in calls:
+        messages += [{"role": "assistant", "content": call}, {"role": "user", "content": [{"type": "image"}]}]
+    return messages + [{"role": "assistant", "content": answer}]
+
+
+def from_scratch(processor, messages, images):
+    """A conversation encoded in one piece: the template's rendering, every image through the processor."""
+    text = processor.apply_chat_template(messages, tokenize=False)
+    return processor(text=[text], images=images, return_tensors="pt")
+
+
+# ------------------------------------------------------------------------------------- the protocol
+
+@pytest.mark.parametrize("box_format", common.BOX_FORMATS)
+def test_a_call_maps_back_to_the_original_image(toy, box_format):
+    """zoom_call_text writes a box relative to the view; zoom_box reads it back to original pixels by the
+    view's offset: the same box up to the format's rounding (one pixel), never an offset error."""
+    processor = common.load_processor(str(toy / "qwen2-vl"))
+    for view, box in [([0, 0, 224, 168], [70, 70, 98, 98]), ([47, 46, 121, 122], [70, 65, 98, 93]),
+                      ([100, 20, 200, 150], [150, 60, 190, 140])]:
+        text = common.zoom_call_text(box, view, box_format, 3, processor)
+        assert text.startswith("<zoom>") and text.endswith("</zoom>")
+        got = common.zoom_box("I look closer: " + text + " then answer", view, box_format, processor)
+        assert max(abs(a - b) for a, b in zip(got, box)) <= 1, (box_format, view, text, got, box)
+    view = [0, 0, 224, 168]
+    assert common.zoom_box("square", view, box_format, processor) is None  # no call: the answer
+    assert common.zoom_box("<zoom>[0.5, 0.5]</zoom>", view, box_format, processor) == "invalid"
+    assert common.zoom_box("<zoom>[0.1, 0.1, 0.2, 0.2]", view, box_format, processor) is None  # unclosed
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_turn_by_turn_encoding_equals_the_whole_conversation(toy, family):
+    """A two-call trace encoded turn by turn (encode -> extend_turn) is token for token and pixel for pixel
+    the conversation rendered by the chat template and encoded at once; the labels are exactly the model's
+    turns (each call and the answer, EOS included) and estimate_tokens counts the length without pixels."""
+    processor = common.load_processor(str(toy / family))
+    rec = common.read_records(str(toy / "data" / "train.jsonl"))[0]
+    views = [[20, 10, 150, 120], [40, 30, 100, 90]]
+    calls = [common.zoom_call_text(views[0], [0, 0, 224, 168], "viscot", 2),
+             common.zoom_call_text(views[1], views[0], "viscot", 2)]
+    ex = common.Example(rec, str(toy / "data"), common.zoom_messages(rec["question"]), rec["answer"], calls=calls,
+                        views=views)
+    enc = common.encode(processor, ex)
+    whole = from_scratch(processor, conversation_messages(rec["question"], calls, rec["answer"]), ex.images())
+    n = len(enc["input_ids"])
+    torch.testing.assert_close(enc["input_ids"], whole["input_ids"][0][:n], rtol=0, atol=0)
+    assert processor.tokenizer.decode(whole["input_ids"][0][n:]).strip() == ""  # the template's closing newline
+    torch.testing.assert_close(enc["pixel_values"], whole["pixel_values"], rtol=0, atol=0)
+    torch.testing.assert_close(enc["image_grid_thw"], whole["image_grid_thw"], rtol=0, atol=0)
+    eos = processor.tokenizer.eos_token
+    labelled = enc["input_ids"][enc["labels"] != common.IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == "".join(t + eos for t in calls + [rec["answer"]])
+    assert common.estimate_tokens(processor, ex, 224, 168) == n
+
+
+def test_zoom_traces_are_checked():
+    rec = {"id": "a", "image": "x.png", "question": "q", "answer": "a", "width": 224, "height": 168}
+    common.validate_record(dict(rec, zooms=[[10, 10, 100, 100], [20, 20, 50, 50]]), "f:1")
+    for zooms, says in [([], "non-empty list"), ("[1, 2, 3, 4]", "non-empty list"),
+                        ([[10, 10, 100, 100], [5, 20, 50, 50]], "not inside zooms[0]"),
+                        ([[10, 10, 300, 100]], "zooms[0]")]:
+        with pytest.raises(common.DataError, match=r"f:1: record 'a'.*" + says.replace("[", r"\[")):
+            common.validate_record(dict(rec, zooms=zooms), "f:1")
+
+
+# ------------------------------------------------------------------ a policy that zooms: SFT on traces
+
+def write_traces(toy, path):
+    """Zoom traces from the toy's annotated records: one call on the box, or a loose view first and then the
+    box (two calls), alternately."""
+    rows = []
+    for i, rec in enumerate(common.read_records(str(toy / "data" / "train.jsonl"))):
+        b, w, h = rec.pop("bbox"), rec["width"], rec["height"]
+        loose = [max(0, b[0] - 30), max(0, b[1] - 30), min(w, b[2] + 30), min(h, b[3] + 30)]
+        rows.append(dict(rec, zooms=[b] if i % 2 else [loose, b]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def zoom_sft(toy, tmp_path_factory):
+    out = tmp_path_factory.mktemp("zoom_sft")
+    write_traces(toy, out / "traces.jsonl")
+    run_script(PY, "sft.py", "--model", str(toy / "qwen2-vl"), "--data", str(out / "traces.jsonl"),
+               "--image_root", str(toy / "data"), "--output_dir", str(out / "run"), "--finetune", "full",
+               "--lr", "2e-3", "--warmup_ratio", "0.1", "--max_steps", "120", "--batch_size", "8",
+               "--box_decimals", "2", "--log_steps", "10")
+    return out
+
+
+def test_sft_learns_zoom_traces(zoom_sft):
+    rows = common.read_jsonl(str(zoom_sft / "run" / "metrics.jsonl"))
+    assert all(set(r) >= {"loss_zoom"} and "loss_focus" not in r for r in rows)  # every example is a trace
+    assert rows[-1]["loss_zoom"] < 0.25 * rows[0]["loss_zoom"]
+
+
+def zoom_args(**kw):
+    return grpo.parse_args(["--data", "x", "--model", "x", "--output_dir", "x", "--task", "zoom",
+                            "--max_new_tokens", "48", "--max_turns", "3", "--rule_metric", "exact",
+                            "--rewards", "answer,zoom_tool", *kw.get("extra", ())])
+
+
+def test_zoom_rollouts_keep_their_own_turns_images_and_rewards(toy, zoom_sft):
+    """B = 3 prompts x G = 4 sampled zoom rollouts of different lengths: each shows its own image and the
+    crops of its own calls (features equal a fresh encode of each crop), its log-probs in the B x G batch
+    equal its conversation rendered and encoded from scratch with all its images, the loss mask is exactly
+    its own turns' tokens, and its reward is its own record's."""
+    model_dir = str(zoom_sft / "run" / "final")
+    processor, model = common.load_processor(model_dir), common.load_model(model_dir).eval()
+    root = str(toy / "data")
+    prompts = grpo.read_prompts(str(toy / "data" / "test.jsonl"), root, "zoom")[:3]
+    images = grpo.load_images(prompts, root)
+    args = zoom_args()
+    torch.manual_seed(0)
+    G = 4
+    rollouts = grpo.rollout(model, processor, prompts, images, args, G, True)
+    assert [r["prompt"] for r in rollouts] == [k // G for k in range(3 * G)]
+    assert len({r["turns"] for r in rollouts}) > 1 and any(r["calls"] for r in rollouts)
+    seqs = [r["seqs"][0] for r in rollouts]
+    together, mask = grpo.sequence_logps(model, model, processor, seqs, 1.0, "cpu", reuse_features=True)
+    tok = processor.tokenizer
+    for k, (r, s) in enumerate(zip(rollouts, seqs)):
+        full = images[r["prompt"]]
+        assert s["images"][0] is full and len(s["images"]) == r["calls"] + 1 == len(r["views"]) + 1
+        # Each call's view: its box (original pixels) grown to at least one vision token a side.
+        assert r["views"] == [common.crop_box(b, full.width, full.height, common.token_pixels(processor))
+                              for b in r["boxes"]]
+        crops = [full.crop(tuple(v)) for v in r["views"]]
+        assert [c.tobytes() for c in s["images"][1:]] == [c.tobytes() for c in crops]
+        for got, want in zip(s["features"], common.image_features(model, processor, [full] + crops)):
+            torch.testing.assert_close(got.embeds, want.embeds)
+        # The model's turns: each call (up to EOS) and the last turn, re-read from the sequence's labels.
+        turns = tok.decode(s["enc"]["input_ids"][s["enc"]["labels"] != common.IGNORE_INDEX]).split(tok.eos_token)
+        calls = turns[:-1]
+        assert len(calls) == r["calls"] and all(c.startswith("<zoom>") for c in calls)
+        assert r["turns"] == r["calls"] + 1
+        if r["invalid"]:
+            continue  # an unparsable call or a vision token: its text is not a clean turn to re-render
+        answer = tok.decode(s["ids"], skip_special_tokens=True)
+        assert answer == r["text"]
+        messages = conversation_messages(prompts[r["prompt"]]["text"], calls, answer)
+        whole = from_scratch(processor, messages, [full] + crops)
+        labels = torch.full_like(whole["input_ids"], common.IGNORE_INDEX)
+        ids = whole["input_ids"][0]
+        n = len(s["enc"]["input_ids"]) + len(s["ids"])
+        torch.testing.assert_close(ids[:n], torch.cat([s["enc"]["input_ids"], torch.tensor(s["ids"])]), rtol=0, atol=0)
+        labels[0, :n] = torch.cat([s["enc"]["labels"], torch.tensor(s["ids"])])
+        batch = {"input_ids": whole["input_ids"][:, :n], "labels": labels[:, :n],
+                 "attention_mask": torch.ones(1, n, dtype=torch.long),
+                 "mm_token_type_ids": whole.get("mm_token_type_ids", torch.zeros_like(whole["input_ids"]))[:, :n],
+                 "pixel_values": whole["pixel_values"], "image_grid_thw": whole["image_grid_thw"]}
+        with torch.no_grad():
+            alone, m1 = common.token_logprobs(model, batch)
+        assert int(m1.sum()) == int(mask[k].sum()) == grpo.model_tokens(s)
+        torch.testing.assert_close(together[k][mask[k]], alone[0][m1[0]], rtol=1e-4, atol=1e-4)
+    per_fn, total = grpo.score(rollouts, prompts, args)
+    for k, r in enumerate(rollouts):
+        right = float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"]))
+        assert per_fn["answer"][k] == right
+        assert per_fn["zoom_tool"][k] == float(right == 1.0 and r["calls"] > 0)
+        assert total[k] == (0.0 if r["invalid"] else right + per_fn["zoom_tool"][k])
+
+
+def test_grpo_zoom_script_logs_turns_and_resumes_exactly(toy, zoom_sft, tmp_path, monkeypatch):
+    """grpo.py --task zoom end to end: the turn metrics are logged, and a run interrupted after its step-2
+    checkpoint and resumed writes the same metrics and samples as one straight run."""
+    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
+
+    def argv(out, *extra):
+        return ["--model", str(zoom_sft / "run" / "final"), "--data", str(toy / "data" / "train.jsonl"),
+                "--output_dir", str(out), "--task", "zoom", "--rewards", "answer,length", "--rule_metric", "exact",
+                "--num_generations", "4", "--batch_size", "2", "--max_new_tokens", "48", "--max_turns", "3",
+                "--lr", "1e-3", "--beta", "0.1", "--max_steps", "4", "--seed", "3", "--log_steps", "1",
+                "--sample_steps", "1", *extra]
+
+    grpo.main(argv(tmp_path / "straight"))
+    rows = metric_rows(tmp_path / "straight")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert 1 <= r["turns"] <= 3 and r["zoom_calls"] == pytest.approx(r["turns"] - 1)
+        assert sum(r[f"share_turns_{t}"] for t in (1, 2, 3)) == pytest.approx(1.0)
+        assert all(math.isfinite(r[key]) for key in ("loss", "kl", "entropy", "grad_norm"))
+    assert any(r["zoom_calls"] > 0 for r in rows) and rows[-1]["kl"] > 0
+    samples = common.read_jsonl(str(tmp_path / "straight" / "samples.jsonl"))
+    assert all("views" in c for c in samples[0]["completions"])
+
+    calls = {"n": 0}
+
+    def dies_in_step_3(completions, **_):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 1, step 2, then step 3
+            raise KeyboardInterrupt
+        return length_reward(completions)
+
+    monkeypatch.setitem(grpo.REWARDS, "length", dies_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.main(argv(tmp_path / "resumed", "--save_steps", "2"))
+    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
+    grpo.main(argv(tmp_path / "resumed", "--save_steps", "2", "--resume", "latest"))
+    got = metric_rows(tmp_path / "resumed")
+    assert [r["step"] for r in got] == [r["step"] for r in rows]
+    for a, b in zip(got, rows):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert common.read_jsonl(str(tmp_path / "resumed" / "samples.jsonl")) == samples
+
+
+def test_eval_zoom_reports_turns(toy, zoom_sft, tmp_path):
+    """eval.py --protocol zoom --model runs infer.py's zoom loop and reports the answer score with the turn
+    statistics; per-question rows carry each question's turns."""
+    out = tmp_path / "zoom.json"
+    run_script(PY, "eval.py", "--protocol", "zoom", "--questions", str(toy / "data" / "test.jsonl"), "--model",
+               str(zoom_sft / "run" / "final"), "--out", str(out), "--max_new_tokens", "48", "--rule_metric", "exact")
+    report = json.loads(out.read_text())
+    items = common.read_jsonl(str(tmp_path / "zoom.items.jsonl"))
+    assert report["n"] == len(items) == 16
+    assert report["turns"] == pytest.approx(sum(i["turns"] for i in items) / 16)
+    assert report["zoom_calls"] == pytest.approx(sum(i["zoom_calls"] for i in items) / 16)
+    assert report["zoom_calls"] > 0 and sum(report[f"n_turns_{t}"] for t in (1, 2, 3) if f"n_turns_{t}" in report) == 16
+    assert report["answer_score"] == pytest.approx(sum(i["answer_score"] for i in items) / 16)
