@@ -25,12 +25,14 @@ def metrics(out):
 
 @pytest.fixture(scope="module", params=NEW)
 def chain(request, toy, tmp_path_factory, run):
-    """SFT (full fine-tuning of the language model, 80 steps, qwen3 box text) per family: the start of every
-    later stage."""
+    """SFT (full fine-tuning of the language model, 120 steps, qwen3 box text) per family: the start of every
+    later stage. At 80 steps Qwen3.5 had learned the box's JSON but, on some trajectories, not the order of its
+    corners (0 of 16 greedy test boxes parsed after the crops' minimum grew to 32 pixels); at 120, 16, 16 and
+    16 of 16 over three seeds (Qwen3-VL 16 and 13)."""
     family, out = request.param, tmp_path_factory.mktemp(request.param)
     data = toy / "data"
     p = run("sft.py", "--model", toy / family, "--data", data / "train.jsonl", "--output_dir", out / "sft",
-            "--max_steps", "80", "--batch_size", "8", "--lr", "2e-3", "--finetune", "full", "--box_format", "qwen3")
+            "--max_steps", "120", "--batch_size", "8", "--lr", "2e-3", "--finetune", "full", "--box_format", "qwen3")
     assert p.rc == 0, p.stderr[-3000:]
     return family, out, data
 
@@ -84,7 +86,7 @@ def test_candidates_pairs_and_dpo_stage2(chain, run):
     rows = common.read_jsonl(str(out / "cands.jsonl"))
     assert len(rows) == 64 and all(len(r["candidates"]) >= 2 for r in rows)
     # SFT taught the qwen3 text: nearly every box is well-formed JSON; whether its corners are ordered is
-    # learning (Qwen3-VL 206 of 256 after 80 steps, Qwen3.5 92: its x2 is often below x1). Every well-formed
+    # learning (Qwen3-VL 206 of 256 after 80 steps, Qwen3.5 92: its x2 was often below x1). Every well-formed
     # box that parses renders back to exactly its text: parser and writer are inverses on model output (slop,
     # an extra space or a 1161 clamped to 1000, is read as well, but does not render back).
     cands = [c for r in rows for c in r["candidates"] if c["source"] == "sampled"]
@@ -101,7 +103,10 @@ def test_candidates_pairs_and_dpo_stage2(chain, run):
             "--finetune", "full")
     assert p.rc == 0, p.stderr[-3000:]
     rows = metrics(out / "rl2")
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # precomputed reference = the start
+    # Precomputed reference = the start: each term's first loss is log 2 (a step whose pairs had no answer pair,
+    # a rejected box that did not parse, has no answer term).
+    terms = [k for k in rows[0] if k.endswith("/loss")]
+    assert "box/loss" in terms and all(rows[0][k] == pytest.approx(math.log(2), abs=1e-5) for k in terms)
 
 
 def detection_prompts(data, path):

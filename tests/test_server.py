@@ -23,6 +23,7 @@ import infer
 
 NAME = "qwen2-vl"  # the served name: the model directory's name
 TWO_STEP = NAME + "-two-step"
+ZOOM = NAME + "-zoom"
 QUESTION = "What shape is the red object?"
 IMAGE = "images/train_00000.png"  # relative to --image_dir (the toy data directory)
 MAX_TOKENS = 8  # the model is random: a few tokens show the structure as well as many would
@@ -109,8 +110,8 @@ def raw_exchange(port, data, timeout=10):
 
 # ----------------------------------------------------------------------------- the openai client, end to end
 
-def test_models_lists_plain_and_two_step(client):
-    assert [m.id for m in client.models.list()] == [NAME, TWO_STEP]
+def test_models_lists_plain_two_step_and_zoom(client):
+    assert [m.id for m in client.models.list()] == [NAME, TWO_STEP, ZOOM]
 
 
 def test_chat_with_image(srv, client):
@@ -156,7 +157,22 @@ def test_two_step_returns_answer_and_focus(srv, client):
     assert (choice.message.content, focus) == (row["answer"], {k: row[k] for k in ("box_text", "box", "crop")})
 
 
-@pytest.mark.parametrize("model", [NAME, TWO_STEP])
+def test_zoom_returns_answer_views_and_turns(srv, client):
+    """The zoom model runs infer.py's zoom loop: the same answer, boxes, views and turns as `--mode zoom`."""
+    r = client.chat.completions.create(model=ZOOM, messages=[{"role": "user", "content": [
+        image_part(srv.image_url), text_part()]}], max_tokens=MAX_TOKENS, temperature=0)
+    assert r.model == ZOOM and len(r.choices) == 1
+    choice = r.choices[0]
+    focus = choice.model_extra["focus"]
+    row = infer.run_batch(srv.model, srv.processor, [{"id": "0", "question": QUESTION}], [srv.image], mode="zoom",
+                          max_new_tokens=MAX_TOKENS)[0]
+    assert (choice.message.content, focus) == (row["answer"], {k: row[k] for k in ("boxes", "views", "turns",
+                                                                                   "invalid_call")})
+    assert 1 <= focus["turns"] <= srv.args.max_turns
+    assert r.usage.completion_tokens == row["usage"]["zoom"]["completion_tokens"] > 0
+
+
+@pytest.mark.parametrize("model", [NAME, TWO_STEP, ZOOM])
 def test_n_choices(srv, client, model):
     # Default temperature (1.0): the sampled path, which n is for.
     r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": [
@@ -294,7 +310,7 @@ def test_oversized_body_is_refused_and_the_server_goes_on(srv):
     # common.http_chat) still gets the 413, not a broken pipe or a reset connection.
     assert_error(*post(srv.port, b"x" * 8_000_000), 413)
     status, reply = request(srv.port, "GET", "/v1/models")
-    assert status == 200 and len(reply["data"]) == 2
+    assert status == 200 and len(reply["data"]) == 3
 
 
 def test_bad_content_length_does_not_hang(srv):
@@ -406,7 +422,8 @@ def test_binds_to_localhost_by_default(monkeypatch, capsys):
             time.sleep(0.02)
         host, port = servers[0].server_address[:2]
         assert host == "127.0.0.1"
-        assert [m["id"] for m in request(port, "GET", "/v1/models")[1]["data"]] == ["mine", "mine-two-step"]
+        assert [m["id"] for m in request(port, "GET", "/v1/models")[1]["data"]] == ["mine", "mine-two-step",
+                                                                                  "mine-zoom"]
     finally:
         servers[0].shutdown()
         thread.join(timeout=10)
