@@ -129,10 +129,10 @@ def validate_record(rec, where, need_answer=True):
             raise DataError(f"{where}: record {rec['id']!r}: {key} must be a positive integer, got {rec[key]!r}")
     if rec.get("bbox") is not None:
         check_box(rec["bbox"], f"{where}: record {rec['id']!r}: bbox", rec.get("width"), rec.get("height"))
-    if rec.get("zooms") is not None:  # a multi-turn zoom trace: successive views, each inside the one before
+    if rec.get("zooms") is not None:  # a zoom trace: successive views, each inside the one before ([]: answer at once)
         zooms = rec["zooms"]
-        if not isinstance(zooms, list) or not zooms:
-            raise DataError(f"{where}: record {rec['id']!r}: zooms must be a non-empty list of boxes, got {zooms!r}")
+        if not isinstance(zooms, list):
+            raise DataError(f"{where}: record {rec['id']!r}: zooms must be a list of boxes, got {zooms!r}")
         for k, box in enumerate(zooms):
             check_box(box, f"{where}: record {rec['id']!r}: zooms[{k}]", rec.get("width"), rec.get("height"))
             if k and not inside(box, zooms[k - 1]):

@@ -11,8 +11,8 @@ are all equal. Every completion token t of rollout i gets
 
 with log-probs at the sampling temperature, EOS included, nothing after it. Aggregation (--loss_aggregation):
 seq-mean-token-mean (Visual-RFT: mean over a rollout's tokens, then over rollouts), token-mean (DAPO: over
-every token of the optimizer step) or dr-grpo (sum / (rollouts * max completion tokens)); the normalisers
-count the whole optimizer step, every micro-batch and rank.
+every token of the optimizer step) or dr-grpo (sum / (rollouts * max completion tokens); the zoom task's
+default); the normalisers count the whole optimizer step, every micro-batch and rank.
 
 Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
   detection       Visual-RFT detection: format, det_iou, det_confidence (its published parser and matching,
@@ -96,7 +96,8 @@ def parse_args(argv=None):
                    help="optimizer updates per generated batch")
     r.add_argument("--scale_rewards", default="group", choices=["group", "batch", "none"],
                    help="divide centred rewards by the group's std, the batch's, or nothing (Dr. GRPO)")
-    r.add_argument("--loss_aggregation", default="seq-mean-token-mean", choices=AGGREGATIONS, help="loss normaliser")
+    r.add_argument("--loss_aggregation", default=None, choices=AGGREGATIONS,
+                   help="loss normaliser (default: seq-mean-token-mean, Visual-RFT's; dr-grpo for --task zoom)")
     r.add_argument("--mask_truncated", action="store_true", help="no loss on rollouts that hit --max_new_tokens")
     r.add_argument("--reference", default=None, choices=["adapter_disabled", "model"],
                    help="reference log-probs from the policy with its LoRA off (default for a new LoRA) or a frozen "
@@ -123,6 +124,11 @@ def parse_args(argv=None):
         parser.error(f"--reward_weights takes comma-separated finite numbers ({e})")
     if len(args.reward_weights) != len(args.rewards):
         parser.error(f"{len(args.reward_weights)} --reward_weights for {len(args.rewards)} --rewards")
+    if args.loss_aggregation is None:
+        # A zoom rollout's turns run to tens of tokens and a direct answer to two: averaged per rollout, the
+        # answer's tokens weighed twenty times more, and GRPO drove the policy away from zooming while zooming
+        # earned more (README "Zoom").
+        args.loss_aggregation = "dr-grpo" if args.task == "zoom" else "seq-mean-token-mean"
     if args.epsilon_high is None:
         args.epsilon_high = args.epsilon
     if args.reference is None:

@@ -1,11 +1,11 @@
 """Two-step bbox SFT (SPEC 4.1): each annotated record gives two examples,
   step 1 (focus):  [image, question + focus prompt]          -> the box as text
   step 2 (answer): [image, question + answer prompt, crop]  -> the answer
-and a record with a zoom trace (`zooms`: a list of boxes in original pixels, each inside the one before) one
-multi-turn example, the cold start of the zoom policy (README "Zoom"):
+and a record with a zoom trace (`zooms`: a list of boxes in original pixels, each inside the one before; [] for
+an answer without a call) one multi-turn example, the cold start of the zoom policy (README "Zoom"):
   zoom: [image, question + zoom prompt] -> <zoom>box 1</zoom> -> [view 1] -> ... -> the answer
-with token cross-entropy on the assistant tokens only (every model turn of a trace). Defaults are VisRL's: LoRA r8/a16 on the language
-model, vision tower frozen, lr 1e-4, 3 epochs, cosine with 10 % warm-up.
+with token cross-entropy on the assistant tokens only (every model turn of a trace). Defaults are VisRL's:
+LoRA r8/a16 on the language model, vision tower frozen, lr 1e-4, 3 epochs, cosine with 10 % warm-up.
 
     python sft.py --model Qwen/Qwen2-VL-7B-Instruct --data train.jsonl --image_root imgs --output_dir out/sft
     deepspeed --num_gpus 8 sft.py --deepspeed configs/zero2.json ...
@@ -47,7 +47,7 @@ if not set(args.steps.split(",")) <= set(KINDS):
 
 
 def kind_of(ex):
-    return "zoom" if ex.views else "answer" if ex.crop else "focus"
+    return ex.kind  # set by build_examples
 
 
 def build_examples(records, processor, show_progress):
@@ -61,16 +61,19 @@ def build_examples(records, processor, show_progress):
     min_crop = common.token_pixels(processor)
     for rec, (w, h) in zip(common.progress(usable, show_progress, desc="examples"), sizes):
         resized = smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
-        candidates = []
+        candidates, question, root = [], rec["question"], args.image_root
         if "focus" in steps and rec.get("bbox") is not None:
-            candidates.append(Example(rec, args.image_root, common.focus_messages(rec["question"], args.prompt_set),
-                                      box_to_text(rec["bbox"], args.box_format, w, h, args.box_decimals, resized)))
+            box_text = box_to_text(rec["bbox"], args.box_format, w, h, args.box_decimals, resized)
+            candidates.append(("focus", Example(rec, root, common.focus_messages(question, args.prompt_set),
+                                                box_text)))
         if "answer" in steps and rec.get("bbox") is not None:
-            candidates.append(Example(rec, args.image_root, common.answer_messages(rec["question"], args.prompt_set),
-                                      rec["answer"], crop=crop_box(rec["bbox"], w, h, min_crop)))
+            crop = crop_box(rec["bbox"], w, h, min_crop)
+            candidates.append(("answer", Example(rec, root, common.answer_messages(question, args.prompt_set),
+                                                 rec["answer"], crop=crop)))
         if "zoom" in steps and rec.get("zooms") is not None:
-            candidates.append(zoom_example(rec, processor, w, h, min_crop))
-        for ex in candidates:
+            candidates.append(("zoom", zoom_example(rec, processor, w, h, min_crop)))
+        for kind, ex in candidates:
+            ex.kind = kind
             ex.n_tokens = common.estimate_tokens(processor, ex, w, h)
             ex.n_labels = sum(len(common.response_ids(processor, text)) for text in ex.calls + [ex.response])
             if ex.n_tokens > args.cutoff_len:

@@ -8,9 +8,9 @@ import common
 from tools import compare
 
 
-def write_report(path, label, items):
+def write_report(path, label, items, protocol="chain"):
     with open(path, "w") as f:
-        json.dump({"protocol": "chain", "label": label, "n": len(items), "answer_score": 0.0}, f)
+        json.dump({"protocol": protocol, "label": label, "n": len(items), "answer_score": 0.0}, f)
     with open(str(path).replace(".json", ".items.jsonl"), "w") as f:
         for item in items:
             f.write(json.dumps(item) + "\n")
@@ -49,3 +49,17 @@ def test_a_malformed_item_line_names_file_and_line(tmp_path):
     write_report(tmp_path / "row.json", "row", [{"dataset": "toy", "answer_score": 1.0}])
     with pytest.raises(common.DataError, match=r"row\.items\.jsonl:1: a per-item row needs 'id'"):
         compare.read_report(str(tmp_path / "row.json"))
+
+
+def test_chain_and_zoom_reports_compare_and_other_protocols_do_not(tmp_path, capsys):
+    write_report(tmp_path / "chain.json", "focus", [{"dataset": "toy", "id": "0", "answer_score": 0.0},
+                                                    {"dataset": "toy", "id": "1", "answer_score": 1.0}])
+    write_report(tmp_path / "zoom.json", "zoom", [{"dataset": "toy", "id": "0", "answer_score": 1.0},
+                                                  {"dataset": "toy", "id": "1", "answer_score": 1.0}], "zoom")
+    compare.main([str(tmp_path / "chain.json"), str(tmp_path / "zoom.json"), "--diff", "zoom", "focus"])
+    out = capsys.readouterr().out
+    assert "| model | n | box_acc | miou | answer_score | zoom_calls |" in out
+    assert "| zoom − focus | 2 | +0.500 ± " in out
+    write_report(tmp_path / "cls.json", "cls", [{"dataset": "toy", "id": "0", "answer_score": 1.0}], "virft-cls")
+    with pytest.raises(SystemExit, match="same protocol"):
+        compare.main([str(tmp_path / "chain.json"), str(tmp_path / "cls.json")])

@@ -1,4 +1,5 @@
-"""One table from several eval.py reports of the same protocol: a row per report (its label); with --diff,
+"""One table from several eval.py reports of the same protocol (chain and zoom together: both score the answer
+to the record's question): a row per report (its label); with --diff,
 paired differences between reports on the same questions, each with its standard error.
 
     python tools/compare.py runs/toy/eval/sft.json runs/toy/eval/grpo.json
@@ -66,9 +67,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loaded = [read_report(p) for p in args.reports]
     reports = [r for r, _ in loaded]
-    if len({r["protocol"] for r in reports}) != 1:
-        raise SystemExit("compare.py: give one or more eval.py reports of the same protocol")
-    cols = COLUMNS[reports[0]["protocol"]]
+    protocols = {r["protocol"] for r in reports}
+    if len(protocols) != 1 and protocols != {"chain", "zoom"}:
+        raise SystemExit("compare.py: give one or more eval.py reports of the same protocol (or chain and zoom)")
+    cols = COLUMNS[protocols.pop()] if len(protocols) == 1 else ("n", "box_acc", "miou", "answer_score", "zoom_calls")
     print("| model | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in reports:
