@@ -1,11 +1,15 @@
 """tools/make_toy.py's splits are the regime pipeline.sh claims: SFT's boxes are some object's, not
-necessarily the target's; RL's questions carry no box; the test split boxes the target."""
+necessarily the target's; RL's questions carry no box; the test split boxes the target. tools/make_zoom_toy.py's
+world needs two nested looks."""
 import json
 import subprocess
 import sys
 
+from PIL import Image
+
 import common
 from conftest import ROOT
+from tools.make_zoom_toy import COLOURS, SHAPE_COLOUR
 
 
 def test_splits_box_what_the_regime_says(tmp_path):
@@ -22,3 +26,24 @@ def test_splits_box_what_the_regime_says(tmp_path):
     assert 0.25 < on_target < 0.65  # uniform over 2-3 objects: 5/12 expected; target-only boxes would give 1
     assert all("bbox" not in r for r in common.read_jsonl(str(data / "questions.jsonl")))
     assert all(r["bbox"] == targets[r["id"]] for r in common.read_records(str(data / "test.jsonl")))
+
+
+def test_the_zoom_world_needs_two_nested_looks(tmp_path):
+    """tools/make_zoom_toy.py: each trace is the asked colour's tile, then the shape inside it (nested, as sft.py
+    checks), the box is the shape's; and the processor shows the full image a quarter size (the shape 3 pixels
+    wide), the tile at its size and the shape's smallest crop four times larger."""
+    subprocess.run([sys.executable, f"{ROOT}/tools/make_zoom_toy.py", "--out", str(tmp_path), "--n_train", "40",
+                    "--n_questions", "5", "--n_test", "5"], check=True, capture_output=True)
+    train = common.read_records(str(tmp_path / "data" / "train.jsonl"))  # validates the zoom traces too
+    for rec in train:
+        tile, box = rec["zooms"]
+        assert rec["bbox"] == box and common.inside(box, tile) and box[2] - box[0] == 12
+        image = Image.open(tmp_path / "data" / rec["image"]).convert("RGB")
+        colour = rec["question"].split()[4]
+        assert image.getpixel((tile[0] + 2, tile[1] + 2)) == COLOURS[colour]  # the asked colour frames the tile
+        assert image.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)) == SHAPE_COLOUR
+    assert all("bbox" not in r for r in common.read_jsonl(str(tmp_path / "data" / "questions.jsonl")))
+    processor = common.load_processor(str(tmp_path / "qwen2-vl"))
+    assert common.smart_resize_hw(processor, 448, 336) == (84, 112)
+    assert common.smart_resize_hw(processor, 112, 112) == (112, 112)
+    assert common.smart_resize_hw(processor, 28, 28) == (112, 112)

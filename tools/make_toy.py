@@ -189,7 +189,8 @@ MODELS = {
 }
 
 
-def build_model(name, out_dir, tokenizer, seed):
+def build_model(name, out_dir, tokenizer, seed, image=None):
+    """The tiny model of family `name`; `image`: processor settings over the family's (another world's sizes)."""
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -212,7 +213,8 @@ def build_model(name, out_dir, tokenizer, seed):
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(dict(IMAGE_PROCESSOR, **spec["image"], processor_class=spec["processor"]), f, indent=2)
+        json.dump(dict(IMAGE_PROCESSOR, **spec["image"], **(image or {}), processor_class=spec["processor"]), f,
+                  indent=2)
     n = sum(p.numel() for p in model.parameters())
     print(f"{name}: {n / 1e6:.2f} M parameters -> {out_dir}")
 

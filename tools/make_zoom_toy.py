@@ -1,0 +1,87 @@
+"""Build the zoom toy world: one where one look is not enough (README "Multi-turn zoom").
+
+    python tools/make_zoom_toy.py --out zoom_toy [--seed 0]
+
+A 448x336 image on a 4x3 grid of 112-pixel tiles, each occupied tile tinted by its cell (as tools/make_toy.py)
+and framed: the target's tile in the asked colour, the others grey. In each tile a 12-pixel dark shape sits at
+the centre of one of its four 56-pixel quarters. "What shape is the red object?" asks for the shape in the
+red-framed tile. The processor shows every image at most 112 x 112 pixels and at least as many: the full
+image at a quarter of its size (the frame is visible, the shape 3 pixels wide is not), a tile at its own size
+(the shape's place is visible, its form barely: 12 pixels in one 14-pixel patch), and a crop of the shape
+(at least 28 pixels) upscaled four times (48 pixels: readable). So the answer needs two nested looks: the
+tile, then the shape.
+
+Writes zoom_toy/qwen2-vl/ (the toy model with this processor) and zoom_toy/data/: train.jsonl (bbox: the
+shape's box; zooms: [tile, shape box], the two-look trace), questions.jsonl (no box), test.jsonl (bbox).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported as tools.make_zoom_toy
+from make_toy import BACKGROUND, COLOURS, SHAPES, build_model, build_tokenizer, cell_tint, draw_shape  # noqa: E402
+
+WIDTH, HEIGHT, TILE, SHAPE, FRAME = 448, 336, 112, 12, 12
+GRID_COLS, GRID_ROWS = WIDTH // TILE, HEIGHT // TILE
+SHAPE_COLOUR, GREY_FRAME = (30, 30, 30), (90, 90, 90)
+IMAGE = {"min_pixels": 112 * 112, "max_pixels": 112 * 112}  # every image, full or crop, shown at about 112 x 112
+
+
+def make_record(rng, index, split, image_dir, max_tiles, with_boxes):
+    n = rng.randint(1, max_tiles)
+    cells = rng.sample(range(GRID_COLS * GRID_ROWS), n)
+    colour = rng.choice(list(COLOURS))
+    image = Image.new("RGB", (WIDTH, HEIGHT), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    tiles = []
+    for k, cell in enumerate(cells):
+        col, row = cell % GRID_COLS, cell // GRID_COLS
+        x0, y0 = col * TILE, row * TILE
+        draw.rectangle([x0, y0, x0 + TILE - 1, y0 + TILE - 1], fill=COLOURS[colour] if k == 0 else GREY_FRAME)
+        draw.rectangle([x0 + FRAME, y0 + FRAME, x0 + TILE - FRAME - 1, y0 + TILE - FRAME - 1], fill=cell_tint(col, row))
+        quarter = rng.randrange(4)
+        cx, cy = x0 + TILE // 4 + (quarter % 2) * TILE // 2, y0 + TILE // 4 + (quarter // 2) * TILE // 2
+        box = [cx - SHAPE // 2, cy - SHAPE // 2, cx + SHAPE // 2, cy + SHAPE // 2]
+        shape = rng.choice(SHAPES)
+        draw_shape(draw, shape, box, SHAPE_COLOUR)
+        tiles.append(([x0, y0, x0 + TILE, y0 + TILE], shape, box))
+    name = f"{split}_{index:05d}.png"
+    image.save(os.path.join(image_dir, name))
+    tile, shape, box = tiles[0]
+    rec = {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
+           "answer": shape, "width": WIDTH, "height": HEIGHT, "dataset": "zoom_toy", "objects": n}
+    if with_boxes:
+        rec.update(bbox=box, zooms=[tile, box])
+    return rec
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n_train", type=int, default=1000)
+    parser.add_argument("--n_questions", type=int, default=2000)
+    parser.add_argument("--n_test", type=int, default=1000)
+    parser.add_argument("--max_tiles", type=int, default=3, help="tiles per image: the target's and up to N-1 others")
+    args = parser.parse_args()
+    data_dir = os.path.join(args.out, "data")
+    os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
+    rng = random.Random(args.seed)
+    for split, n, with_boxes in (("train", args.n_train, True), ("questions", args.n_questions, False),
+                                 ("test", args.n_test, True)):
+        with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                rec = make_record(rng, i, split, os.path.join(data_dir, "images"), args.max_tiles, with_boxes)
+                f.write(json.dumps(rec) + "\n")
+    out_dir = os.path.join(args.out, "qwen2-vl")
+    os.makedirs(out_dir, exist_ok=True)
+    build_model("qwen2-vl", out_dir, build_tokenizer(out_dir), args.seed, image=IMAGE)
+    print(f"zoom toy: {args.n_train} traces / {args.n_questions} questions / {args.n_test} test -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

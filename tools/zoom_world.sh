@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One-step focus vs multi-turn zoom on the zoom toy world (tools/make_zoom_toy.py: a small shape whose form only
+# a second, nested look resolves), after SFT and after GRPO; README "Multi-turn zoom" has the measured table.
+#   bash tools/zoom_world.sh     # SEED=0 (the world's; training at the scripts' default seed), OUT=runs/zoom_world
+#                                # (replaced); ~20 min on 2 CPU cores
+# The two arms run side by side, one thread each: the focus chain (two-step SFT on the shape's box, then GRPO
+# --task focus) and the zoom loop (SFT on the two-look traces, then GRPO --task zoom); same steps and data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/zoom_world}
+SEED=${SEED:-0}
+PY=${PYTHON:-python}
+DATA=$OUT/world/data
+rm -rf "$OUT"
+mkdir -p "$OUT/logs"
+T0=$SECONDS
+SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2"
+GRPO="--data $DATA/questions.jsonl --rule_metric exact --finetune full --lr 5e-4 --warmup_ratio 0.15 --beta 0.2
+      --max_steps 40 --batch_size 8 --num_generations 8 --sample_steps 0"
+EVAL="--questions $DATA/test.jsonl --batch_size 64 --rule_metric exact"
+
+echo "=== zoom world (at 0 s) ==="
+$PY tools/make_zoom_toy.py --out "$OUT/world" --seed "$SEED" --n_questions 500 --n_test 500
+
+focus() {
+    $PY sft.py --model "$OUT/world/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft_focus" \
+        --steps focus,answer $SFT
+    $PY eval.py --protocol chain --model "$OUT/sft_focus/final" --max_new_tokens 32 --label "two-step SFT" \
+        --out "$OUT/eval/sft_focus.json" $EVAL
+    $PY grpo.py --task focus --model "$OUT/sft_focus/final" --output_dir "$OUT/grpo_focus" --max_new_tokens 32 $GRPO
+    $PY eval.py --protocol chain --model "$OUT/grpo_focus/final" --max_new_tokens 32 --label "GRPO (focus)" \
+        --out "$OUT/eval/grpo_focus.json" $EVAL
+}
+zoom() {
+    $PY sft.py --model "$OUT/world/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft_zoom" --steps zoom $SFT
+    $PY eval.py --protocol zoom --model "$OUT/sft_zoom/final" --max_new_tokens 48 --max_turns 3 --label "zoom SFT" \
+        --out "$OUT/eval/sft_zoom.json" $EVAL
+    $PY grpo.py --task zoom --model "$OUT/sft_zoom/final" --output_dir "$OUT/grpo_zoom" --max_new_tokens 48 \
+        --max_turns 3 --rewards answer,zoom_tool $GRPO
+    $PY eval.py --protocol zoom --model "$OUT/grpo_zoom/final" --max_new_tokens 48 --max_turns 3 \
+        --label "GRPO (zoom)" --out "$OUT/eval/grpo_zoom.json" $EVAL
+}
+echo "=== focus chain and zoom loop, side by side (logs: $OUT/logs) ==="
+(export OMP_NUM_THREADS=1; focus > "$OUT/logs/focus.log" 2>&1) & F=$!
+(export OMP_NUM_THREADS=1; zoom > "$OUT/logs/zoom.log" 2>&1) & Z=$!
+wait $F || { tail -n 30 "$OUT/logs/focus.log"; exit 1; }
+wait $Z || { tail -n 30 "$OUT/logs/zoom.log"; exit 1; }
+
+printf '\nOn %s held-out questions, %d s:\n\n' "$(wc -l < "$DATA/test.jsonl")" $((SECONDS - T0))
+E=$OUT/eval
+$PY tools/compare.py "$E/sft_focus.json" "$E/grpo_focus.json" "$E/sft_zoom.json" "$E/grpo_zoom.json" \
+    --diff "zoom SFT" "two-step SFT" --diff "GRPO (zoom)" "GRPO (focus)" --diff "GRPO (focus)" "two-step SFT" \
+    --diff "GRPO (zoom)" "zoom SFT"
