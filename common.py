@@ -1235,7 +1235,7 @@ def generate(model, processor, examples, max_new_tokens=32, do_sample=False, tem
 # the view's offset (exact: a view is an integer crop, shown unscaled), crops the original there (at least one
 # vision token a side), and shows that crop as a tool turn.
 
-def zoom_call_text(box, view, box_format, decimals=3, processor=None):
+def zoom_call_text(box, view, box_format, decimals, processor):
     """The zoom call that opens `box` (original pixels) from `view` (a crop box of the original): the inverse of
     zoom_box's reading, up to the box format's rounding."""
     vw, vh = view[2] - view[0], view[3] - view[1]
@@ -1268,13 +1268,20 @@ def cut_vision_tokens(ids, vision_ids):
     return ids, False
 
 
+def model_tokens(seq):
+    """The model's own tokens in a sequence (a GRPO sequence, or a zoom conversation): its last turn and the
+    earlier turns labelled in its prompt's encoding."""
+    return len(seq["ids"]) + int((seq["enc"]["labels"] != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def zoom_conversations(model, processor, encoded, images, features, box_format, max_turns, **gen):
     """Multi-turn zoom for a batch of conversations, turn by turn: every conversation still going generates in
     one batched call, the views its calls open are encoded in one vision pass (each once), and each new turn
     continues the conversation's encoding (extend_turn: its own tokens, never re-tokenised). encoded[k]: the
     first turn's prompt (zoom_messages, encoded; a prompt sampled G times is listed G times), images[k] its
-    full image, features[k] that image's features. A conversation ends at a turn without a zoom call (the
+    full image, features[k] that image's features. Conversations that open the same view of the same image
+    (samples of one prompt often do) share one crop and one encode of it. A conversation ends at a turn without a zoom call (the
     answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens, or after max_turns turns.
 
     Returns, per conversation: enc (everything before its last turn, earlier turns labelled), ids (the last
@@ -1286,7 +1293,7 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
     vision_ids = set(tok.convert_tokens_to_ids(list(VISION_TOKENS)))
     convs = [{"enc": e, "images": [im], "features": [f], "boxes": [], "views": [], "turns": 0, "invalid": False,
               "max_turns_hit": False} for e, im, f in zip(encoded, images, features)]
-    going = list(range(len(convs)))
+    going, shown = list(range(len(convs))), {}  # (id of the full image, view) -> (crop, its features)
     for turn in range(max_turns):
         results = generate_encoded(model, processor, [convs[k]["enc"] for k in going],
                                    features=[convs[k]["features"] for k in going], **gen)
@@ -1304,9 +1311,12 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
                          max_turns_hit=call not in (None, "invalid"))
             else:
                 opened.append((k, ids, call, crop_box(call, full.width, full.height, token_pixels(processor))))
-        crop_images = [convs[k]["images"][0].crop(tuple(view)) for k, _, _, view in opened]
-        for (k, ids, call, view), crop, f in zip(opened, crop_images, image_features(model, processor, crop_images)):
+        keys = [(id(convs[k]["images"][0]), tuple(view)) for k, _, _, view in opened]
+        new = {key: convs[k]["images"][0].crop(key[1]) for key, (k, *_) in zip(keys, opened) if key not in shown}
+        shown.update(zip(new, zip(new.values(), image_features(model, processor, list(new.values())))))
+        for key, (k, ids, call, view) in zip(keys, opened):
             c = convs[k]
+            crop, f = shown[key]
             c["enc"] = extend_turn(processor, c["enc"], ids, crop)
             c["images"].append(crop)
             c["features"].append(f)

@@ -503,11 +503,6 @@ def train_batch(seqs):
     return [common.extend_turn(None, s["enc"], s["ids"]) for s in seqs]
 
 
-def model_tokens(seq):
-    """The policy's own tokens in a sequence: its completion and any earlier turns (the loss tokens)."""
-    return len(seq["ids"]) + int((seq["enc"]["labels"] != common.IGNORE_INDEX).sum())
-
-
 def sequence_logps(model, module, processor, seqs, temperature, device, reuse_features):
     """Per-token log-probs (S, T-1) and label masks of the sequences at the sampling temperature. Vision
     features: the rollout's own when the vision tower is frozen (they are what it would compute again),
@@ -708,7 +703,7 @@ def main(argv=None):
 
         # 2. Updates. Normalisers of the whole optimizer step: rollouts and loss tokens over micro-batches and ranks.
         n_rollouts = rt.all_sum(sum(len(mb["rollouts"]) for mb in micro))
-        n_tokens = rt.all_sum(sum(model_tokens(s) * bool(k) for mb in micro for s, k in zip(mb["seqs"], mb["keep"])))
+        n_tokens = rt.all_sum(sum(common.model_tokens(s) * bool(k) for mb in micro for s, k in zip(mb["seqs"], mb["keep"])))
         sums = {}
         for _ in range(args.num_iterations):
             for m, mb in enumerate(micro):
@@ -730,7 +725,7 @@ def main(argv=None):
         local = {"reward": float(rewards.sum()), "reward_sq": float((rewards ** 2).sum()),
                  "group_std": float(rewards.std(1).sum()), "groups": float(rewards.shape[0]),
                  "zero_std_groups": float(flat.sum()), "rollouts": float(rewards.numel()),
-                 "completion_tokens": float(sum(model_tokens(s) for mb in micro for s in mb["seqs"])),
+                 "completion_tokens": float(sum(common.model_tokens(s) for mb in micro for s in mb["seqs"])),
                  "truncated": float(sum(not all(s["stopped"] for s in r["seqs"]) for mb in micro
                                         for r in mb["rollouts"])),
                  "invalid": float(sum(r["invalid"] for mb in micro for r in mb["rollouts"]))}

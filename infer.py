@@ -109,11 +109,10 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
         convs = common.zoom_conversations(model, processor, first, images, full, box_format, max_turns, **gen)
         for row, c, e in zip(rows, convs, first):
             last = (c["boxes"][-1], c["views"][-1]) if c["views"] else (None, None)
-            tokens = len(c["ids"]) + int((c["enc"]["labels"] != common.IGNORE_INDEX).sum())  # every model turn
             row.update(answer=c["text"], box=last[0], crop=last[1], boxes=c["boxes"], views=c["views"],
                        turns=c["turns"], invalid_call=c["invalid"], max_turns_hit=c["max_turns_hit"], focus_s=0.0,
                        answer_s=(time.time() - t) / n, usage={"zoom": {
-                           "prompt_tokens": len(e["input_ids"]), "completion_tokens": tokens, "stopped": c["stopped"]}})
+                           "prompt_tokens": len(e["input_ids"]), "completion_tokens": common.model_tokens(c), "stopped": c["stopped"]}})
         return rows
 
     if mode == "direct":

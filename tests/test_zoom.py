@@ -55,8 +55,8 @@ def test_turn_by_turn_encoding_equals_the_whole_conversation(toy, family):
     processor = common.load_processor(str(toy / family))
     rec = common.read_records(str(toy / "data" / "train.jsonl"))[0]
     views = [[20, 10, 150, 120], [40, 30, 100, 90]]
-    calls = [common.zoom_call_text(views[0], [0, 0, 224, 168], "viscot", 2),
-             common.zoom_call_text(views[1], views[0], "viscot", 2)]
+    calls = [common.zoom_call_text(views[0], [0, 0, 224, 168], "viscot", 2, processor),
+             common.zoom_call_text(views[1], views[0], "viscot", 2, processor)]
     ex = common.Example(rec, str(toy / "data"), common.zoom_messages(rec["question"]), rec["answer"], calls=calls,
                         views=views)
     enc = common.encode(processor, ex)
@@ -170,8 +170,15 @@ def test_zoom_rollouts_keep_their_own_turns_images_and_rewards(toy, zoom_sft):
                  "pixel_values": whole["pixel_values"], "image_grid_thw": whole["image_grid_thw"]}
         with torch.no_grad():
             alone, m1 = common.token_logprobs(model, batch)
-        assert int(m1.sum()) == int(mask[k].sum()) == grpo.model_tokens(s)
+        assert int(m1.sum()) == int(mask[k].sum()) == common.model_tokens(s)
         torch.testing.assert_close(together[k][mask[k]], alone[0][m1[0]], rtol=1e-4, atol=1e-4)
+    # One crop, encoded once, per distinct view of a prompt's image, however many samples open it.
+    crops = {}
+    for r in rollouts:
+        for view, crop, f in zip(r["views"], r["seqs"][0]["images"][1:], r["seqs"][0]["features"][1:]):
+            first = crops.setdefault((r["prompt"], tuple(view)), (crop, f))
+            assert first[0] is crop and first[1] is f
+    assert len(crops) < sum(r["calls"] for r in rollouts)  # some samples opened the same view
     per_fn, total = grpo.score(rollouts, prompts, args)
     for k, r in enumerate(rollouts):
         right = float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"]))
