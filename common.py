@@ -1275,24 +1275,27 @@ def model_tokens(seq):
 
 
 @torch.no_grad()
-def zoom_conversations(model, processor, encoded, images, features, box_format, max_turns, **gen):
+def zoom_conversations(model, processor, encoded, images, features, box_format, max_turns, max_context=None, **gen):
     """Multi-turn zoom for a batch of conversations, turn by turn: every conversation still going generates in
     one batched call, the views its calls open are encoded in one vision pass (each once), and each new turn
     continues the conversation's encoding (extend_turn: its own tokens, never re-tokenised). encoded[k]: the
     first turn's prompt (zoom_messages, encoded; a prompt sampled G times is listed G times), images[k] its
     full image, features[k] that image's features. Conversations that open the same view of the same image
-    (samples of one prompt often do) share one crop and one encode of it. A conversation ends at a turn without a zoom call (the
-    answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens, or after max_turns turns.
+    (samples of one prompt often do) share one crop and one encode of it. A conversation ends at a turn without
+    a zoom call (the answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens, after
+    max_turns turns, or at a call whose view would leave no room for a next turn of max_new_tokens within
+    max_context tokens (the whole conversation: prompt, images and turns; the first turn always runs), so no
+    conversation grows past max_context.
 
     Returns, per conversation: enc (everything before its last turn, earlier turns labelled), ids (the last
     turn), text (the last turn, decoded), stopped (the last turn ended with EOS), images and features (every
     image shown, in order), boxes (each call's box in original pixels) and views (the crop it opened, at least
     one vision token a side), turns, invalid (an unparsable call or a vision token), max_turns_hit (its last
-    allowed turn was still a zoom call)."""
+    allowed turn was still a zoom call), context_hit (its last turn was a call that max_context refused)."""
     tok = processor.tokenizer
     vision_ids = set(tok.convert_tokens_to_ids(list(VISION_TOKENS)))
     convs = [{"enc": e, "images": [im], "features": [f], "boxes": [], "views": [], "turns": 0, "invalid": False,
-              "max_turns_hit": False} for e, im, f in zip(encoded, images, features)]
+              "max_turns_hit": False, "context_hit": False} for e, im, f in zip(encoded, images, features)]
     going, shown = list(range(len(convs))), {}  # (id of the full image, view) -> (crop, its features)
     for turn in range(max_turns):
         results = generate_encoded(model, processor, [convs[k]["enc"] for k in going],
@@ -1311,18 +1314,25 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
                          max_turns_hit=call not in (None, "invalid"))
             else:
                 opened.append((k, ids, call, crop_box(call, full.width, full.height, token_pixels(processor))))
-        keys = [(id(convs[k]["images"][0]), tuple(view)) for k, _, _, view in opened]
-        new = {key: convs[k]["images"][0].crop(key[1]) for key, (k, *_) in zip(keys, opened) if key not in shown}
-        shown.update(zip(new, zip(new.values(), image_features(model, processor, list(new.values())))))
-        for key, (k, ids, call, view) in zip(keys, opened):
+        crops, going = {}, []  # a view shown in this batch is cut from its image once
+        for k, ids, call, view in opened:
             c = convs[k]
-            crop, f = shown[key]
-            c["enc"] = extend_turn(processor, c["enc"], ids, crop)
+            key = (id(c["images"][0]), tuple(view))
+            crop = shown[key][0] if key in shown else crops.setdefault(key, c["images"][0].crop(view))
+            enc = extend_turn(processor, c["enc"], ids, crop)
+            if max_context and len(enc["input_ids"]) + gen["max_new_tokens"] > max_context:
+                c.update(ids=ids, text=tok.decode(ids, skip_special_tokens=True), stopped=True, context_hit=True)
+                continue
+            c.update(enc=enc, key=key)
             c["images"].append(crop)
-            c["features"].append(f)
             c["boxes"].append(call)
             c["views"].append(view)
-        going = [k for k, *_ in opened]
+            going.append(k)
+        new = [key for key in dict.fromkeys(convs[k]["key"] for k in going) if key not in shown]  # each once
+        new_crops = [crops[key] for key in new]
+        shown.update(zip(new, zip(new_crops, image_features(model, processor, new_crops))))
+        for k in going:
+            convs[k]["features"].append(shown[convs[k].pop("key")][1])
         if not going:
             break
     return convs

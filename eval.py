@@ -106,6 +106,8 @@ def parse_args(argv=None):
     m.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64,
                    help="tokens per step (virft: use 512+ for <think>)")
     m.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
+    m.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
+                   help="zoom: a conversation's whole length in tokens (infer.py --max_context)")
     args = parser.parse_args(argv)
     allowed = PARSERS.get(args.protocol, ())
     if args.parser is not None and args.parser not in allowed:
@@ -664,8 +666,8 @@ def score_chain(records, preds, args, paths, judge):
 
 def score_zoom(records, preds, args, paths, judge):
     """chain's scores on the zoom loop's rows (box: the last call's, none when the model answered at once) and
-    its turn statistics: mean turns and calls, invalid calls, rollouts stopped at --max_turns, and the answer
-    score by number of turns."""
+    its turn statistics: mean turns and calls, invalid calls, conversations stopped at a call by --max_turns
+    (max_turns_hit) or --max_context (context_hit), and the answer score by number of turns."""
     metrics, rows, extra = score_chain(records, preds, args, paths, judge)
     by_id = by_key(preds, record_id, paths[1])
     took = [by_id.get(record_id(r), {}) for r in records]
@@ -673,7 +675,8 @@ def score_zoom(records, preds, args, paths, judge):
     metrics.update(turns=sum(p.get("turns", 0) for p in took) / n,
                    zoom_calls=sum(len(p.get("views") or []) for p in took) / n,
                    invalid_calls=sum(bool(p.get("invalid_call")) for p in took),
-                   max_turns_hit=sum(bool(p.get("max_turns_hit")) for p in took))
+                   max_turns_hit=sum(bool(p.get("max_turns_hit")) for p in took),
+                   context_hit=sum(bool(p.get("context_hit")) for p in took))
     for row, p in zip(rows, took):
         row.update(turns=p.get("turns"), zoom_calls=len(p.get("views") or []))
     for t in sorted({row["turns"] for row in rows if row["turns"]}):
@@ -726,9 +729,11 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
     _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size,
                                   made_by=dict(common.model_stamp(args), mode=mode, box_format=args.box_format,
                                                prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens,
-                                               **({"max_turns": args.max_turns} if mode == "zoom" else {})),
+                                               **({"max_turns": args.max_turns, "max_context": args.max_context}
+                                                  if mode == "zoom" else {})),
                                   mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
-                                  max_new_tokens=args.max_new_tokens, max_turns=args.max_turns)
+                                  max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
+                                  max_context=args.max_context)
     if errors:
         raise common.DataError(f"{len(errors)} images failed to load (first: {errors[0]['error']}); "
                                f"listed in {raw_path}.errors.jsonl")
@@ -739,7 +744,8 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
 # ------------------------------------------------------------------------------------------- report
 
 SUMMED = ("correct", "total", "unparsable", "missing", "n", "predictions", "detections", "judge_unparsable",
-          "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls", "max_turns_hit")
+          "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls", "max_turns_hit",
+          "context_hit")
 COLUMNS = {
     "viscot-det": ("accuracy", "correct", "total", "unparsable"),
     "viscot-answer": ("answer_score", "total", "judge_unparsable", "judge_failed"),
@@ -747,7 +753,8 @@ COLUMNS = {
     "virft-cls": ("accuracy", "correct", "total", "unparsable", "empty_answer_correct"),
     "grounding": ("n", "parseable", "box_acc", "miou", "giou", "ciou"),
     "chain": ("n", "parseable", "box_acc", "miou", "answer_score"),
-    "zoom": ("n", "answer_score", "box_acc", "turns", "zoom_calls", "invalid_calls", "max_turns_hit"),
+    "zoom": ("n", "answer_score", "box_acc", "turns", "zoom_calls", "invalid_calls", "max_turns_hit",
+             "context_hit"),
 }
 
 

@@ -85,6 +85,9 @@ def parse_args(argv=None):
                    help="completion tokens per step (per turn for zoom)")
     r.add_argument("--max_turns", type=common.POSITIVE_INT, default=3,
                    help="zoom: model turns per rollout (the last must answer)")
+    r.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
+                   help="zoom: a rollout's whole length in tokens (prompt, images, turns); a call that would "
+                        "leave no room for a next turn of --max_new_tokens ends it (default: no limit)")
     r.add_argument("--temperature", type=common.POSITIVE, default=1.0,
                    help="sampling temperature (also in the log-probs)")
     r.add_argument("--beta", type=common.NONNEGATIVE, default=0.04, help="KL weight; 0 loads no reference model")
@@ -421,9 +424,10 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
     if args.task == "zoom":
         convs = common.zoom_conversations(module, processor, [e for e in enc for _ in range(n)],
                                           [im for im in images for _ in range(n)], [f for f in full for _ in range(n)],
-                                          args.box_format, args.max_turns, **gen)
+                                          args.box_format, args.max_turns, args.max_context, **gen)
         return [{"prompt": k // n, "text": c["text"], "invalid": c["invalid"], "calls": len(c["views"]),
                  "boxes": c["boxes"], "views": c["views"], "turns": c["turns"], "max_turns_hit": c["max_turns_hit"],
+                 "context_hit": c["context_hit"],
                  "seqs": [{k2: c[k2] for k2 in ("enc", "ids", "stopped", "images", "features")}]}
                 for k, c in enumerate(convs)]
     results = common.generate_encoded(module, processor, [e for e in enc for _ in range(n)],
@@ -553,9 +557,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, weights, beta, epsilon
 
 def zoom_sums(rollouts, rewards, max_turns):
     """Zoom rollouts' counts, summed over this rank (zoom_metrics turns them into means): turns, zoom calls,
-    rollouts whose last allowed turn was still a call, and the reward by the number of turns taken."""
-    sums = {"turns": float(sum(r["turns"] for r in rollouts)), "zoom_calls": float(sum(r["calls"] for r in rollouts)),
-            "max_turns_hit": float(sum(r["max_turns_hit"] for r in rollouts))}
+    rollouts whose last allowed turn was still a call (max_turns_hit) or ended at a call for want of context
+    (context_hit), and the reward by the number of turns taken."""
+    sums = {key: float(sum(r[key] for r in rollouts)) for key in ("turns", "max_turns_hit", "context_hit")}
+    sums["zoom_calls"] = float(sum(r["calls"] for r in rollouts))
     for t in range(1, max_turns + 1):
         took = [v for r, v in zip(rollouts, rewards) if r["turns"] == t]
         sums[f"turns_{t}/rollouts"], sums[f"turns_{t}/reward"] = float(len(took)), float(sum(took))
@@ -564,8 +569,7 @@ def zoom_sums(rollouts, rewards, max_turns):
 
 def zoom_metrics(total, max_turns):
     n = total["rollouts"]
-    out = {"turns": total["turns"] / n, "zoom_calls": total["zoom_calls"] / n,
-           "max_turns_hit": total["max_turns_hit"] / n}
+    out = {key: total[key] / n for key in ("turns", "zoom_calls", "max_turns_hit", "context_hit")}
     for t in range(1, max_turns + 1):
         took = total[f"turns_{t}/rollouts"]
         out[f"share_turns_{t}"] = took / n

@@ -50,6 +50,9 @@ def parse_args(argv=None):
     g.add_argument("--mode", default="chain", choices=MODES,
                    help="chain, focus (box only), direct (no box), gt_box (annotated crop) or zoom (multi-turn)")
     g.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
+    g.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
+                   help="zoom: a conversation's whole length in tokens (prompt, images, turns); a call that would "
+                        "leave no room for a next turn of --max_new_tokens ends it (default: no limit)")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                    help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
@@ -90,7 +93,7 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------------------- the chain
 
 def run_batch(model, processor, records, images, mode="chain", box_format="viscot", prompt_set="visrl",
-              max_new_tokens=64, do_sample=False, temperature=1.0, max_time=None, max_turns=3):
+              max_new_tokens=64, do_sample=False, temperature=1.0, max_time=None, max_turns=3, max_context=None):
     """One output row per record. `images` are the records' full images (PIL), decoded once; each goes
     through the vision tower once, and both steps use its features. Timings are the step's batch time
     divided by the batch size (the full images' encode counts to the first step)."""
@@ -106,11 +109,13 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
     if mode == "zoom":
         first = [common.encode(processor, common.Example(rec, None, common.zoom_messages(rec["question"])), [im])
                  for rec, im in zip(records, images)]
-        convs = common.zoom_conversations(model, processor, first, images, full, box_format, max_turns, **gen)
+        convs = common.zoom_conversations(model, processor, first, images, full, box_format, max_turns, max_context,
+                                          **gen)
         for row, c, e in zip(rows, convs, first):
             last = (c["boxes"][-1], c["views"][-1]) if c["views"] else (None, None)
             row.update(answer=c["text"], box=last[0], crop=last[1], boxes=c["boxes"], views=c["views"],
-                       turns=c["turns"], invalid_call=c["invalid"], max_turns_hit=c["max_turns_hit"], focus_s=0.0,
+                       turns=c["turns"], invalid_call=c["invalid"], max_turns_hit=c["max_turns_hit"],
+                       context_hit=c["context_hit"], focus_s=0.0,
                        answer_s=(time.time() - t) / n, usage={"zoom": {
                            "prompt_tokens": len(e["input_ids"]), "completion_tokens": common.model_tokens(c), "stopped": c["stopped"]}})
         return rows
@@ -347,7 +352,7 @@ class Server:
         mode = "zoom" if kind == "zoom" else "chain"
         rows = run_batch(self.model, self.processor, [{"id": str(i), "question": question} for i in range(n)],
                          images * n, mode, self.args.box_format, self.args.prompt_set, max_turns=self.args.max_turns,
-                         **gen)
+                         max_context=self.args.max_context, **gen)
         shown = ("boxes", "views", "turns", "invalid_call") if mode == "zoom" else ("box_text", "box", "crop")
         choices = [{"index": i, "message": {"role": "assistant", "content": row["answer"]},
                     "finish_reason": "stop" if list(row["usage"].values())[-1]["stopped"] else "length",
@@ -499,7 +504,7 @@ def main(argv=None):
         return
     chain_kw = dict(mode=args.mode, box_format=args.box_format, prompt_set=args.prompt_set,
                     max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    **({"max_turns": args.max_turns} if args.mode == "zoom" else {}))
+                    **({"max_turns": args.max_turns, "max_context": args.max_context} if args.mode == "zoom" else {}))
     if args.image:
         rec = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question}
         print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))

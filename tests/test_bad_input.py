@@ -406,10 +406,11 @@ def test_kill_mid_run_and_resume_gives_the_uninterrupted_run(run, world, tmp_pat
         assert sorted(keys) == sorted(set(keys)) and len(keys) == 16
 
 
-def test_infer_kill_and_rerun_answers_every_record_once(run, world, tmp_path, toy):
+@pytest.mark.parametrize("mode", ["chain", "zoom"])
+def test_infer_kill_and_rerun_answers_every_record_once(run, world, tmp_path, toy, mode):
     data = str(toy / "data" / "test.jsonl")
     out = tmp_path / "preds.jsonl"
-    command = infer(world, out, data, "--batch_size", "2")
+    command = infer(world, out, data, "--batch_size", "2", "--mode", mode)
     assert run(*command, kill_when=(out, 4)).rc == -9
     before = out.read_text().splitlines()
     assert 4 <= len(before) < 16, "the kill did not land mid-run"

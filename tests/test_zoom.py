@@ -187,6 +187,43 @@ def test_zoom_rollouts_keep_their_own_turns_images_and_rewards(toy, zoom_sft):
         assert total[k] == (0.0 if r["invalid"] else right + per_fn["zoom_tool"][k])
 
 
+def test_max_context_ends_a_conversation_at_the_call_that_would_outgrow_it(toy, zoom_sft):
+    """--max_context: no conversation that opened a view is longer than the budget less one turn of
+    max_new_tokens; a call refused for want of room is the conversation's last turn (context_hit), and what
+    came before it is what the unlimited loop did (greedy). A budget below the first view refuses every call."""
+    model_dir = str(zoom_sft / "run" / "final")
+    processor, model = common.load_processor(model_dir), common.load_model(model_dir).eval()
+    root = str(toy / "data")
+    prompts = grpo.read_prompts(str(toy / "data" / "test.jsonl"), root, "zoom")[:12]
+    images = grpo.load_images(prompts, root)
+
+    def rollouts(*extra):
+        return grpo.rollout(model, processor, prompts, images, zoom_args(extra=extra), 1, False)
+
+    free = rollouts()
+    lengths = sorted(len(r["seqs"][0]["enc"]["input_ids"]) for r in free if r["calls"])
+    assert len(set(lengths)) > 1 and not any(r["context_hit"] for r in free), lengths
+    budget = lengths[len(lengths) // 2] + 48  # the median conversation with a view just fits
+    for max_context in (budget, 8):
+        cut = rollouts("--max_context", str(max_context))
+        assert any(r["context_hit"] for r in cut)
+        for a, b, image in zip(cut, free, images):
+            s = a["seqs"][0]
+            if a["calls"]:
+                assert len(s["enc"]["input_ids"]) + 48 <= max_context
+            assert a["views"] == b["views"][:a["calls"]]  # the same looks, as far as they go
+            if a["context_hit"]:  # its last turn is the call it was refused, the one the free loop made next
+                assert a["turns"] == a["calls"] + 1 and b["calls"] > a["calls"]
+                view = a["views"][-1] if a["views"] else [0, 0, image.width, image.height]
+                assert common.zoom_box(a["text"], view, "viscot", processor) == b["boxes"][a["calls"]]
+                assert s["stopped"] and len(s["images"]) == len(s["features"]) == a["calls"] + 1
+            else:
+                assert (a["text"], a["turns"]) == (b["text"], b["turns"])
+        assert any(r["calls"] for r in cut) == (max_context == budget)
+    metrics = grpo.zoom_metrics(dict(grpo.zoom_sums(cut, [0.0] * len(cut), 3), rollouts=len(cut)), 3)
+    assert metrics["context_hit"] == sum(r["context_hit"] for r in cut) / len(cut) > 0
+
+
 def test_grpo_zoom_script_logs_turns_and_resumes_exactly(toy, zoom_sft, tmp_path, monkeypatch):
     """grpo.py --task zoom end to end: the turn metrics are logged, and a run interrupted after its step-2
     checkpoint and resumed writes the same metrics and samples as one straight run."""
