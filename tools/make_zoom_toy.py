@@ -12,7 +12,8 @@ image at a quarter of its size (the frame is visible, the shape 3 pixels wide is
 tile, then the shape.
 
 Writes zoom_toy/qwen2-vl/ (the toy model with this processor) and zoom_toy/data/: train.jsonl (bbox: the
-shape's box; zooms: [tile, shape box], the two-look trace), questions.jsonl (no box), test.jsonl (bbox).
+shape's box; zooms: [tile, shape box], the two-look trace, or [tile] for a share 1 - --two_looks of them),
+questions.jsonl (no box), test.jsonl (bbox).
 """
 import argparse
 import json
@@ -67,15 +68,20 @@ def main():
     parser.add_argument("--n_questions", type=int, default=2000)
     parser.add_argument("--n_test", type=int, default=1000)
     parser.add_argument("--max_tiles", type=int, default=3, help="tiles per image: the target's and up to N-1 others")
+    parser.add_argument("--two_looks", type=float, default=1.0,
+                        help="share of training traces with both looks; the others stop at the tile (a cold start "
+                             "that rarely shows the second look); the images are the same at any share")
     args = parser.parse_args()
     data_dir = os.path.join(args.out, "data")
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
-    rng = random.Random(args.seed)
+    rng, cut = random.Random(args.seed), random.Random(f"two looks {args.seed}")
     for split, n, with_boxes in (("train", args.n_train, True), ("questions", args.n_questions, False),
                                  ("test", args.n_test, True)):
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
             for i in range(n):
                 rec = make_record(rng, i, split, os.path.join(data_dir, "images"), args.max_tiles, with_boxes)
+                if split == "train" and cut.random() >= args.two_looks:
+                    rec["zooms"] = rec["zooms"][:1]
                 f.write(json.dumps(rec) + "\n")
     out_dir = os.path.join(args.out, "qwen2-vl")
     os.makedirs(out_dir, exist_ok=True)

@@ -3,12 +3,14 @@
 # a second, nested look resolves), after SFT and after GRPO; README "Multi-turn zoom" has the measured table.
 #   bash tools/zoom_world.sh     # SEED=0 (the world's; training at the scripts' default seed), OUT=runs/zoom_world
 #                                # (replaced); ~20 min on 2 CPU cores
+#   TWO_LOOKS=0.1 bash tools/zoom_world.sh   # a cold start: only 10 % of the zoom SFT traces show the second look
 # The two arms run side by side, one thread each: the focus chain (two-step SFT on the shape's box, then GRPO
 # --task focus) and the zoom loop (SFT on the two-look traces, then GRPO --task zoom); same steps and data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/zoom_world}
 SEED=${SEED:-0}
+TWO_LOOKS=${TWO_LOOKS:-1}
 PY=${PYTHON:-python}
 DATA=$OUT/world/data
 rm -rf "$OUT"
@@ -20,7 +22,7 @@ GRPO="--data $DATA/questions.jsonl --rule_metric exact --finetune full --lr 5e-4
 EVAL="--questions $DATA/test.jsonl --batch_size 64 --rule_metric exact"
 
 echo "=== zoom world (at 0 s) ==="
-$PY tools/make_zoom_toy.py --out "$OUT/world" --seed "$SEED" --n_questions 500 --n_test 500
+$PY tools/make_zoom_toy.py --out "$OUT/world" --seed "$SEED" --n_questions 500 --n_test 500 --two_looks "$TWO_LOOKS"
 
 focus() {
     $PY sft.py --model "$OUT/world/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft_focus" \
