@@ -1,14 +1,14 @@
 """Multi-turn zoom (README "Zoom"): the call format and its mapping back to the original image, a conversation's
 turn-by-turn encoding against the whole conversation rendered and encoded at once, SFT on zoom traces, and
 GRPO's zoom rollouts (B prompts x G samples with different numbers of turns keep their own images, features,
-log-probs and rewards; the script resumes exactly)."""
+log-probs and rewards; the script, killed mid-run, resumes exactly)."""
 import json
 import math
 
 import pytest
 import torch
 from conftest import FAMILIES, PY, run_script
-from test_grpo import length_reward, metric_rows
+from test_grpo import metric_rows
 
 import common
 import grpo
@@ -224,19 +224,19 @@ def test_max_context_ends_a_conversation_at_the_call_that_would_outgrow_it(toy, 
     assert metrics["context_hit"] == sum(r["context_hit"] for r in cut) / len(cut) > 0
 
 
-def test_grpo_zoom_script_logs_turns_and_resumes_exactly(toy, zoom_sft, tmp_path, monkeypatch):
-    """grpo.py --task zoom end to end: the turn metrics are logged, and a run interrupted after its step-2
-    checkpoint and resumed writes the same metrics and samples as one straight run."""
-    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
-
-    def argv(out, *extra):
-        return ["--model", str(zoom_sft / "run" / "final"), "--data", str(toy / "data" / "train.jsonl"),
-                "--output_dir", str(out), "--task", "zoom", "--rewards", "answer,length", "--rule_metric", "exact",
+def test_grpo_zoom_script_logs_turns_and_resumes_exactly_after_a_kill(run, toy, zoom_sft, tmp_path):
+    """grpo.py --task zoom run as a user runs it: the turn metrics are logged, and a run killed (SIGKILL) after
+    its step-2 checkpoint, in step 3, then rerun with --resume latest writes the same metrics and samples as one
+    straight run (the killed run's step-3 lines dropped, steps 3 and 4 redone)."""
+    def command(out, *extra):
+        return ("grpo.py", "--model", zoom_sft / "run" / "final", "--data", toy / "data" / "train.jsonl",
+                "--output_dir", out, "--task", "zoom", "--rewards", "answer,zoom_tool", "--rule_metric", "exact",
                 "--num_generations", "4", "--batch_size", "2", "--max_new_tokens", "48", "--max_turns", "3",
-                "--lr", "1e-3", "--beta", "0.1", "--max_steps", "4", "--seed", "3", "--log_steps", "1",
-                "--sample_steps", "1", *extra]
+                "--lr", "1e-3", "--beta", "0.1", "--max_steps", "4", "--save_steps", "2", "--seed", "3",
+                "--log_steps", "1", "--sample_steps", "1", *extra)
 
-    grpo.main(argv(tmp_path / "straight"))
+    straight = run(*command(tmp_path / "straight"))
+    assert straight.rc == 0, straight.stderr[-3000:]
     rows = metric_rows(tmp_path / "straight")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
@@ -247,24 +247,17 @@ def test_grpo_zoom_script_logs_turns_and_resumes_exactly(toy, zoom_sft, tmp_path
     samples = common.read_jsonl(str(tmp_path / "straight" / "samples.jsonl"))
     assert all("views" in c for c in samples[0]["completions"])
 
-    calls = {"n": 0}
-
-    def dies_in_step_3(completions, **_):
-        calls["n"] += 1
-        if calls["n"] == 3:  # step 1, step 2, then step 3
-            raise KeyboardInterrupt
-        return length_reward(completions)
-
-    monkeypatch.setitem(grpo.REWARDS, "length", dies_in_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        grpo.main(argv(tmp_path / "resumed", "--save_steps", "2"))
-    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
-    grpo.main(argv(tmp_path / "resumed", "--save_steps", "2", "--resume", "latest"))
-    got = metric_rows(tmp_path / "resumed")
+    cut = tmp_path / "cut"
+    assert run(*command(cut), kill_when=(cut / "metrics.jsonl", 3)).rc == -9
+    assert not (cut / "final").exists() and (cut / "checkpoint-2").exists()
+    resumed = run(*command(cut, "--resume", "latest"))
+    assert resumed.rc == 0, resumed.stderr[-3000:]
+    assert "resuming at step 2" in resumed.stdout, resumed.stdout
+    got = metric_rows(cut)
     assert [r["step"] for r in got] == [r["step"] for r in rows]
     for a, b in zip(got, rows):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
-    assert common.read_jsonl(str(tmp_path / "resumed" / "samples.jsonl")) == samples
+    assert common.read_jsonl(str(cut / "samples.jsonl")) == samples
 
 
 def test_eval_zoom_reports_turns(toy, zoom_sft, tmp_path):
