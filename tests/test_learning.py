@@ -147,10 +147,14 @@ def test_dpo_learns_held_out_preferences_and_a_flipped_preference_does_not(world
     assert broken_accuracy < DPO_ACCURACY and broken_margin < DPO_MARGIN
 
 
+FLIPPED_HELD_OUT = 200  # the flipped runs fall 0.2-0.3 (one SE on 200 questions ~0.035): fewer questions do
+
+
 def gains_with_and_against_the_reward(run, start, steps, flipped_steps, tmp_path, monkeypatch, name):
-    """Held-out answer gains from `start` of a GRPO run (run(out, steps) -> chain_eval's result) and of the
-    same run broken: each advantage's sign flipped (lower reward, higher weight)."""
-    gain, se = answer_gain(run(tmp_path / "grpo", steps), start)
+    """Held-out answer gains from `start` of a GRPO run (run(out, steps, n) -> chain_eval's result on the first
+    n held-out questions, all of them when n is None) and of the same run broken: each advantage's sign flipped
+    (lower reward, higher weight)."""
+    gain, se = answer_gain(run(tmp_path / "grpo", steps, None), start)
     print(f"GRPO ({name}): held-out answer {gain:+.3f} ± {se:.3f} from {start[0]['mean']['answer_score']:.3f}")
     original = grpo.group_advantages
 
@@ -159,12 +163,12 @@ def gains_with_and_against_the_reward(run, start, steps, flipped_steps, tmp_path
         return -adv, flat
 
     monkeypatch.setattr(grpo, "group_advantages", flipped)
-    broken, broken_se = answer_gain(run(tmp_path / "flipped", flipped_steps), start)
+    broken, broken_se = answer_gain(run(tmp_path / "flipped", flipped_steps, FLIPPED_HELD_OUT), start)
     print(f"flipped advantage: held-out answer {broken:+.3f} ± {broken_se:.3f}")
     return gain, broken
 
 
-def grpo_run(world, sft, out, steps):
+def grpo_run(world, sft, out, steps, n=None):
     """GRPO on the focus chain as pipeline.sh (box-free questions, lr 5e-4, KL weight 0.2) but 16 prompts x 8
     rollouts a step where pipeline.sh takes 8 (README "Learning tests": the steadier held-out gain), then the
     chain."""
@@ -173,7 +177,7 @@ def grpo_run(world, sft, out, steps):
                "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
                str(steps), "--batch_size", "16", "--num_generations", "8", "--max_new_tokens", "32", "--seed", SEED,
                "--sample_steps", "0"])
-    return chain_eval(out / "final", world, out / "eval.json", HELD_OUT)
+    return chain_eval(out / "final", world, out / "eval.json", n or HELD_OUT)
 
 
 # Measured gains (20 steps of 16 x 8) +0.022 to +0.058 over two worlds and three RL seeds (README); 8 prompts a step
@@ -185,9 +189,9 @@ def test_grpo_raises_held_out_answers_and_a_flipped_advantage_does_not(world, sf
     """VisRL's chain rolled out whole (box -> crop -> answer), rewarded by the answer alone, 20 steps: the
     held-out answers rise (a few points, as in pipeline.sh; a no-op loop stays at 0 and fails), and the same
     run with the advantage's sign flipped (lower reward, higher weight) does not reach the bar: it takes them
-    far below in half the steps (a sign error fails)."""
-    gain, broken = gains_with_and_against_the_reward(lambda out, steps: grpo_run(world, sft, out, steps), sft[1],
-                                                     20, 10, tmp_path, monkeypatch, "focus")
+    far below in 5 steps (a sign error fails)."""
+    gain, broken = gains_with_and_against_the_reward(lambda out, steps, n: grpo_run(world, sft, out, steps, n),
+                                                     sft[1], 20, 5, tmp_path, monkeypatch, "focus")
     assert gain >= GRPO_GAIN > broken and gain - broken >= GRPO_GAP
 
 
@@ -215,7 +219,7 @@ def zoom_sft(world, sft, tmp_path_factory):
     return out / "run", chain_eval(out / "run" / "final", world, out / "eval.json", ZOOM_HELD_OUT, "zoom", *ZOOM_FLAGS)
 
 
-def zoom_grpo_run(world, zoom_sft, out, steps):
+def zoom_grpo_run(world, zoom_sft, out, steps, n=None):
     """GRPO --task zoom on the box-free questions: answer reward plus DeepEyes' tool bonus (a call that led
     to a right answer), with the task's default aggregation, dr-grpo (README "Zoom": with seq-mean-token-mean a
     two-token direct answer weighs twenty times a forty-token zoom turn per token), 16 prompts x 8 rollouts a
@@ -225,7 +229,7 @@ def zoom_grpo_run(world, zoom_sft, out, steps):
                "--rewards", "answer,zoom_tool", "--finetune", "full", "--lr", "5e-4",
                "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps", str(steps), "--batch_size", "16",
                "--num_generations", "8", "--seed", SEED, "--sample_steps", "0", *ZOOM_FLAGS])
-    return chain_eval(out / "final", world, out / "eval.json", ZOOM_HELD_OUT, "zoom", *ZOOM_FLAGS)
+    return chain_eval(out / "final", world, out / "eval.json", n or ZOOM_HELD_OUT, "zoom", *ZOOM_FLAGS)
 
 
 # Measured gains (20 steps of 16 x 8) +0.06 to +0.13 over two worlds and three RL seeds (README); 8 prompts a step
@@ -237,7 +241,8 @@ def test_grpo_zoom_raises_held_out_answers_and_a_flipped_advantage_does_not(worl
                                                                              monkeypatch):
     """Multi-turn zoom, 20 steps: the held-out answers of the greedy zoom loop rise (a no-op loop stays at 0 and
     fails), and the same run with the advantage's sign flipped does not reach the bar: it takes them far below in
-    6 steps (a sign error fails)."""
-    gain, broken = gains_with_and_against_the_reward(lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps),
-                                                     zoom_sft[1], 20, 6, tmp_path, monkeypatch, "zoom")
+    3 steps (a sign error fails)."""
+    gain, broken = gains_with_and_against_the_reward(
+        lambda out, steps, n: zoom_grpo_run(world, zoom_sft, out, steps, n), zoom_sft[1], 20, 3, tmp_path,
+        monkeypatch, "zoom")
     assert gain >= ZOOM_GAIN > broken and gain - broken >= ZOOM_GAP
