@@ -47,3 +47,21 @@ def test_the_zoom_world_needs_two_nested_looks(tmp_path):
     assert common.smart_resize_hw(processor, 448, 336) == (84, 112)
     assert common.smart_resize_hw(processor, 112, 112) == (112, 112)
     assert common.smart_resize_hw(processor, 28, 28) == (112, 112)
+
+
+def test_a_zoom_cold_start_shows_the_second_look_on_its_share_of_traces(tmp_path):
+    """--two_looks 0.5: the same images and records as the full traces, about half of the traces cut after the
+    tile; a share outside [0, 1] is refused."""
+    def world(out, *extra):
+        return subprocess.run([sys.executable, f"{ROOT}/tools/make_zoom_toy.py", "--out", str(out), "--n_train", "40",
+                               "--n_questions", "2", "--n_test", "2", *extra], capture_output=True, text=True)
+
+    assert world(tmp_path / "full").returncode == 0 and world(tmp_path / "half", "--two_looks", "0.5").returncode == 0
+    full, half = (common.read_records(str(tmp_path / w / "data" / "train.jsonl")) for w in ("full", "half"))
+    cut = [(f, h) for f, h in zip(full, half) if h["zooms"] != f["zooms"]]
+    assert 10 <= len(cut) <= 30 and all(h["zooms"] == f["zooms"][:1] for f, h in cut)
+    assert [dict(r, zooms=None) for r in half] == [dict(r, zooms=None) for r in full]
+    assert all((tmp_path / "half" / "data" / r["image"]).read_bytes() ==
+               (tmp_path / "full" / "data" / r["image"]).read_bytes() for r in full)
+    refused = world(tmp_path / "bad", "--two_looks", "1.5")
+    assert refused.returncode == 2 and "--two_looks 1.5 is outside [0, 1]" in refused.stderr.splitlines()[-1]

@@ -72,6 +72,8 @@ def main():
                         help="share of training traces with both looks; the others stop at the tile (a cold start "
                              "that rarely shows the second look); the images are the same at any share")
     args = parser.parse_args()
+    if not 0 <= args.two_looks <= 1:
+        parser.error(f"--two_looks {args.two_looks:g} is outside [0, 1]")
     data_dir = os.path.join(args.out, "data")
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
     rng, cut = random.Random(args.seed), random.Random(f"two looks {args.seed}")
