@@ -75,7 +75,8 @@ offline_rl() {
     # 5. VisRL's preference stages, full fine-tuning from the model each starts from (the reference,
     #    precomputed): stage 1, DPO on the focus box; stage 2, DPO on box and answer; half the RL steps each,
     #    16 pairs a step, at the control's and GRPO's learning rate. The chosen responses' NLL (--sft_weight 3)
-    #    keeps DPO from pushing the chosen boxes down with the rejected ones (without it stage 2 lost 6.6 points).
+    #    keeps DPO from pushing the chosen boxes down with the rejected ones (without it, at the earlier settings,
+    #    stage 2 lost 6.6 points: README).
     local dpo="--data $OUT/pairs/pairs.jsonl --image_root $DATA --finetune full --lr 5e-4
                --max_steps $((RL_STEPS / 2)) --batch_size 16 --sft_weight 3 --seed $SEED"
     stage "DPO stage 1" $PY rl_stage1.py --model "$OUT/sft/final" $dpo --output_dir "$OUT/rl1"
