@@ -62,6 +62,9 @@ def parse_args(argv=None, **stage_defaults):
                    help="lambda_B: weight of the focus-step DPO term")
     d.add_argument("--answer_weight", type=common.NONNEGATIVE, default=0.0,
                    help="lambda_R: weight of the answer-step DPO term")
+    d.add_argument("--preference_eos", default="include", choices=["include", "exclude"],
+                   help="the end-of-turn token in the preference's log-probs: include (VisRL, LLaMA-Factory, TRL) "
+                        "or exclude (kept in the chosen NLL): README, DPO stage 2")
     d.add_argument("--reference", default="precomputed", choices=["precomputed", "model", "adapter_disabled"],
                    help="where reference log-probs come from")
     d.add_argument("--ref_model", default=None, help="--reference model: its directory (default: the starting model)")
@@ -173,6 +176,16 @@ def sequence_logps(model, module, processor, units, device):
     return common.token_logprobs(model, common.to_device(batch, device), features=features)
 
 
+def preference_sums(logp, mask, eos):
+    """Each response's summed log-prob as the preference sees it. eos "exclude" leaves out its last labelled
+    token, the end of turn: both responses end with it, and on short answers DPO widened its margin by
+    lowering P(end of turn | rejected word) until the model stopped ending its answers after that word."""
+    if eos == "include":
+        return logp.sum(-1)
+    last = mask & ~torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], dim=1)
+    return logp.masked_fill(last, 0).sum(-1)
+
+
 # ------------------------------------------------------------------------------------------- reference
 
 @torch.no_grad()
@@ -184,7 +197,7 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     common.check_made_by(path[:-len(".jsonl")] + ".made_by.json", {
         **common.model_stamp(args), "data": common.file_fingerprint(args.data),
         "eval_data": common.file_fingerprint(args.eval_data) if args.eval_data else None,
-        "prompt_set": args.prompt_set})
+        "prompt_set": args.prompt_set, "preference_eos": args.preference_eos})
     rt.barrier()
     cache = {row["key"]: row for row in common.resume_jsonl(path)} if os.path.exists(path) else {}
     todo = [u for u in units if u["key"] not in cache]
@@ -198,8 +211,8 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     with open(path, "a", encoding="utf-8") if rt.is_main else open(os.devnull, "w") as out:
         for b in common.progress(range(n_batches), rt.is_main and n_batches > 0, desc="reference", unit="batch"):
             chunk = mine[b * args.batch_size:(b + 1) * args.batch_size] or todo[:1]  # padding keeps ranks in step
-            logp, _ = sequence_logps(model, rt.module, processor, chunk, rt.device)
-            sums = logp.sum(-1).tolist()
+            logp, mask = sequence_logps(model, rt.module, processor, chunk, rt.device)
+            sums = preference_sums(logp, mask, args.preference_eos).tolist()
             rows = [{"key": u["key"], "chosen": sums[2 * i], "rejected": sums[2 * i + 1]} for i, u in enumerate(chunk)]
             if rt.world > 1:
                 gathered = [None] * rt.world
@@ -235,23 +248,25 @@ def group_by_pair(units):
 def preference_terms(rt, model, processor, units, ref, args, ref_model=None):
     """Per-unit DPO losses, rewards and log-probs of a micro-batch, and the chosen responses' token NLL sum."""
     logp, mask = sequence_logps(model, rt.module, processor, units, rt.device)
-    sums, counts = logp.sum(-1), mask.sum(-1).float()
+    sums = preference_sums(logp, mask, args.preference_eos)
+    counts = mask.sum(-1).float() - int(args.preference_eos == "exclude")  # the tokens in the sums (IPO's mean)
     if args.reference == "precomputed":
         ref_c = torch.tensor([ref[u["key"]]["chosen"] for u in units], device=sums.device)
         ref_r = torch.tensor([ref[u["key"]]["rejected"] for u in units], device=sums.device)
     else:
         with torch.no_grad():
             if args.reference == "model":
-                ref_logp, _ = sequence_logps(ref_model, ref_model, processor, units, rt.device)
+                ref_logp, ref_mask = sequence_logps(ref_model, ref_model, processor, units, rt.device)
             else:  # the policy with its adapter switched off: the merged checkpoint the stage started from
                 with rt.module.disable_adapter():
-                    ref_logp, _ = sequence_logps(model, rt.module, processor, units, rt.device)
-            ref_c, ref_r = ref_logp.sum(-1)[0::2], ref_logp.sum(-1)[1::2]
+                    ref_logp, ref_mask = sequence_logps(model, rt.module, processor, units, rt.device)
+            ref_sums = preference_sums(ref_logp, ref_mask, args.preference_eos)
+            ref_c, ref_r = ref_sums[0::2], ref_sums[1::2]
     losses, reward_c, reward_r = dpo_loss(sums[0::2], sums[1::2], ref_c, ref_r, counts[0::2], counts[1::2],
                                           args.loss, args.beta, args.label_smoothing)
     return {"losses": losses, "reward_chosen": reward_c, "reward_rejected": reward_r,
             "logp_chosen": sums[0::2].detach(), "logp_rejected": sums[1::2].detach(),
-            "chosen_nll": -sums[0::2].sum()}
+            "chosen_nll": -logp[0::2].sum()}
 
 
 def metric_sums(units, t):

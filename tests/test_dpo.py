@@ -150,6 +150,32 @@ def test_shared_encode_logps_equal_naive_one_by_one(toy, tmp_path, family):
                                      for i, u in enumerate(units) for k in ("chosen", "rejected")]
 
 
+def test_preference_sums_leave_out_exactly_the_end_of_turn(toy, tmp_path):
+    """--preference_eos exclude: each response's sum lacks one token's log-prob, its last labelled one, and that
+    token is the end of turn (<|im_end|>); include is the plain sum. Checked against each sequence alone."""
+    model, processor = common.load_model(str(toy / "qwen2-vl")).eval(), common.load_processor(str(toy / "qwen2-vl"))
+    path = toy_pairs(toy, tmp_path, n=2)
+    units, _ = rl_stage1.read_pairs(path, str(toy / "data"), processor, stage_args(path, "--answer_weight", "0.5"),
+                                    need_answers=True)
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():
+        logp, mask = rl_stage1.sequence_logps(model, model, processor, units, torch.device("cpu"))
+        expected = []
+        for u in units:
+            for ex in (u["chosen"], u["rejected"]):
+                b = common.collate([common.encode(processor, ex)], processor.tokenizer.pad_token_id)
+                labels = b["labels"][0, 1:]
+                keep = labels != common.IGNORE_INDEX
+                assert labels[keep][-1].item() == end_of_turn
+                one, _ = common.token_logprobs(model, b)
+                expected.append((one[0][keep].sum().item(), one[0][keep][:-1].sum().item()))
+    include = rl_stage1.preference_sums(logp, mask, "include").tolist()
+    exclude = rl_stage1.preference_sums(logp, mask, "exclude").tolist()
+    assert include == pytest.approx([e[0] for e in expected], abs=2e-4)
+    assert exclude == pytest.approx([e[1] for e in expected], abs=2e-4)
+    assert all(i < x for i, x in zip(include, exclude))  # the end of turn's log-prob is < 0 in every response
+
+
 def test_vision_tower_runs_once_per_distinct_image(toy, tmp_path):
     model, processor = common.load_model(str(toy / "qwen2-vl")).eval(), common.load_processor(str(toy / "qwen2-vl"))
     path = toy_pairs(toy, tmp_path, n=3)
@@ -175,12 +201,14 @@ def run_stage(toy, path, out, *extra):
     return common.read_jsonl(str(out / "metrics.jsonl"))
 
 
-def test_precomputed_reference_equals_a_reference_model(toy, tmp_path):
+@pytest.mark.parametrize("eos", ["include", "exclude"])
+def test_precomputed_reference_equals_a_reference_model(toy, tmp_path, eos):
     """The same two steps with references precomputed once and with a frozen reference model forwarded every
-    step: identical losses and rewards, so the cached numbers are the starting model's."""
+    step: identical losses and rewards, so the cached numbers are the starting model's (with the end of turn
+    in the preference or out of it)."""
     path = toy_pairs(toy, tmp_path)
-    pre = run_stage(toy, path, tmp_path / "pre")
-    live = run_stage(toy, path, tmp_path / "live", "--reference", "model")
+    pre = run_stage(toy, path, tmp_path / "pre", "--preference_eos", eos)
+    live = run_stage(toy, path, tmp_path / "live", "--reference", "model", "--preference_eos", eos)
     for a, b in zip(pre, live):
         for key in ("loss", "box/reward_chosen", "answer/reward_rejected", "box/margin"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key  # float32 noise of a log-ratio
