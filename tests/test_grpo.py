@@ -478,12 +478,23 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
 
 
 def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
-    """The tool end to end on the toy: sampled rollouts, rewards, advantages, log-probs; a model measured
-    against itself moved nothing."""
+    """The tool on the toy: sampled rollouts keep their prompts' order, each rollout's log-prob is finite and
+    the same under a second load of the same weights, so the measured gain is exactly 0; main runs end to end."""
     from tools import policy_gain
-    model = str(toy / "qwen2-vl")
-    policy_gain.main(["--start", model, "--trained", model, "--questions", str(toy / "data" / "test.jsonl"),
-                      "--n", "4", "--num_generations", "4"])
-    out = capsys.readouterr().out
-    assert "rollouts have a non-zero advantage (4 questions)" in out
-    assert "nothing to measure" in out or "policy gain +0.0000" in out
+    model_dir, data = str(toy / "qwen2-vl"), str(toy / "data" / "test.jsonl")
+    args = grpo.parse_args(["--task", "focus", "--model", model_dir, "--data", data, "--output_dir", os.devnull,
+                            "--num_generations", "2", "--max_new_tokens", "32"])
+    prompts = grpo.read_prompts(data, str(toy / "data"), "focus")[:3]
+    processor, model = common.load_processor(model_dir), common.load_model(model_dir).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rollouts, advantages = policy_gain.sample_rollouts(model, processor, prompts,
+                                                           grpo.load_images(prompts, str(toy / "data")), args, chunk=2)
+    assert [r["prompt"] for r in rollouts] == [0, 0, 1, 1, 2, 2] and advantages.shape == (6,)
+    first = policy_gain.rollout_logps(model, processor, rollouts)
+    again = policy_gain.rollout_logps(common.load_model(model_dir).eval(), processor, rollouts)
+    assert torch.isfinite(first).all() and (first < 0).all()
+    assert policy_gain.policy_gain(torch.ones(6), first, again) == 0.0
+    policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
+                      "--num_generations", "4"])
+    assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out

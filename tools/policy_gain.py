@@ -8,7 +8,6 @@ worse ones; a no-op gives 0, an update against the reward a negative number.
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
         --questions runs/toy/world/data/test.jsonl --n 96
 """
-import argparse
 import os
 import sys
 
@@ -56,6 +55,9 @@ def main(argv=None):
     parser.add_argument("--num_generations", type=common.POSITIVE_INT, default=8, help="rollouts per question")
     parser.add_argument("--seed", type=int, default=0)
     a = parser.parse_args(argv)
+    for flag, path in [("--start", a.start)] + [("--trained", t) for t in a.trained]:
+        if not os.path.isdir(path):
+            parser.error(f"{flag} {path}: no such directory")
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.questions))
     args = grpo.parse_args(["--task", "focus", "--model", a.start, "--data", a.questions, "--output_dir", os.devnull,
                             "--rule_metric", "exact", "--max_new_tokens", "32",
@@ -68,21 +70,23 @@ def main(argv=None):
     with torch.no_grad():
         rollouts, advantages = sample_rollouts(start, processor, prompts, images, args)
     keep = advantages != 0
-    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
-    start_logps = rollout_logps(start, processor, kept)
+    kept, adv = [r for r, k in zip(rollouts, keep.tolist()) if k], advantages[keep]
     print(f"{len(kept)} of {len(rollouts)} rollouts have a non-zero advantage ({len(prompts)} questions)")
     if not kept:
         print("no group has a reward spread: nothing to measure (more questions, or a start model that answers "
               "some right)")
         return
+    start_logps = rollout_logps(start, processor, kept)
     for path in a.trained:
         trained_logps = rollout_logps(common.load_model(path).eval(), processor, kept)
         change = trained_logps - start_logps
-        adv = advantages[keep]
         print(f"{path}: policy gain {policy_gain(adv, start_logps, trained_logps):+.4f}; mean log-prob change "
               f"{float(change[adv > 0].mean()):+.3f} (better than their group), "
               f"{float(change[adv < 0].mean()):+.3f} (worse)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as e:  # bad input: the message names the file and line, or the record
+        raise SystemExit(f"policy_gain.py: error: {e}")
