@@ -279,13 +279,14 @@ def metric_sums(units, t):
                         f"{kind}/reward_chosen": float(t["reward_chosen"][sel].sum()),
                         f"{kind}/reward_rejected": float(t["reward_rejected"][sel].sum()),
                         f"{kind}/accuracy": float((t["reward_chosen"][sel] > t["reward_rejected"][sel]).sum()),
+                        f"{kind}/margin_sq": float(((t["reward_chosen"][sel] - t["reward_rejected"][sel]) ** 2).sum()),
                         f"{kind}/logp_chosen": float(t["logp_chosen"][sel].sum()),
                         f"{kind}/logp_rejected": float(t["logp_rejected"][sel].sum())})
     return out
 
 
 def finish_metrics(sums, prefix=""):
-    """Means per kind, the margin, and the weighted total loss the step optimised."""
+    """Means per kind, the margin and its standard error, and the weighted total loss the step optimised."""
     out = {}
     for kind in KINDS:
         n = sums.get(f"{kind}/n", 0)
@@ -293,7 +294,10 @@ def finish_metrics(sums, prefix=""):
             for name in ("loss", "reward_chosen", "reward_rejected", "accuracy", "logp_chosen", "logp_rejected"):
                 out[f"{prefix}{kind}/{name}"] = sums[f"{kind}/{name}"] / n
             chosen, rejected = out[f"{prefix}{kind}/reward_chosen"], out[f"{prefix}{kind}/reward_rejected"]
-            out[f"{prefix}{kind}/margin"] = chosen - rejected
+            out[f"{prefix}{kind}/margin"] = margin = chosen - rejected
+            # the margin's standard error over these pairs (0 for one pair): is a held-out margin more than noise?
+            variance = max(sums[f"{kind}/margin_sq"] / n - margin ** 2, 0.0)
+            out[f"{prefix}{kind}/margin_se"] = math.sqrt(variance / (n - 1)) if n > 1 else 0.0
     return out
 
 

@@ -5,6 +5,7 @@ Learning (preference accuracy rises; a sign-flipped loss fails the same check) i
 import math
 import os
 import shutil
+import statistics
 import sys
 from collections import defaultdict
 from types import SimpleNamespace
@@ -54,6 +55,23 @@ def test_loss_equals_float64_closed_form(loss, eps, beta):
     assert ours.tolist() == pytest.approx(float64_loss(*args, loss, beta, eps), rel=1e-5, abs=1e-5)
     assert reward_c.tolist() == pytest.approx((beta * (args[0] - args[2])).tolist(), rel=1e-6)
     assert reward_r.tolist() == pytest.approx((beta * (args[1] - args[3])).tolist(), rel=1e-6)
+
+
+def test_margin_and_its_standard_error_over_pairs():
+    """The logged margin is the mean of chosen - rejected implicit rewards and margin_se its sample standard
+    deviation over sqrt(pairs), the same when the pairs come in two micro-batches."""
+    chosen, rejected = [1.0, 0.5, 0.2, -0.1, 0.9], [0.0, 0.7, -0.3, -0.1, 0.1]
+    sums = {}
+    for part in (slice(0, 2), slice(2, 5)):
+        n = len(chosen[part])
+        t = {"losses": torch.zeros(n), "reward_chosen": torch.tensor(chosen[part]),
+             "reward_rejected": torch.tensor(rejected[part]), "logp_chosen": torch.zeros(n),
+             "logp_rejected": torch.zeros(n)}
+        common.add_sums(sums, rl_stage1.metric_sums([{"kind": "box"}] * n, t))
+    out = rl_stage1.finish_metrics(sums, "eval_")
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert out["eval_box/margin"] == pytest.approx(statistics.mean(margins), abs=1e-6)
+    assert out["eval_box/margin_se"] == pytest.approx(statistics.stdev(margins) / 5 ** 0.5, abs=1e-6)
 
 
 def test_loss_is_float32_from_bf16_inputs():

@@ -470,16 +470,24 @@ def test_bad_input_names_file_and_line(toy, tmp_path):
 
 
 def test_policy_gain_is_the_advantage_weighted_log_prob_change():
-    """tools/policy_gain.py's measure by hand: rollouts without an advantage are left out of the mean."""
+    """tools/policy_gain.py's measure by hand: per question the mean of advantage * change over its rollouts, then
+    the mean over questions and its standard error."""
     from tools import policy_gain
-    advantages = torch.tensor([1.0, -1.0, 0.0, 0.5])
-    start, trained = torch.tensor([-1.0, -2.0, -3.0, -4.0]), torch.tensor([-0.5, -3.0, -10.0, -4.0])
-    assert policy_gain.policy_gain(advantages, start, trained) == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+    advantages = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, -0.5], dtype=torch.float64)
+    question = torch.tensor([0, 0, 3, 3, 5, 5])
+    change = torch.tensor([0.5, -1.0, 0.0, -1.0, 2.0, 2.0], dtype=torch.float64)
+    per_question = [(0.5 + 1.0) / 2, (0.0 + 2.0) / 2, (1.0 - 1.0) / 2]
+    mean = sum(per_question) / 3
+    se = (sum((x - mean) ** 2 for x in per_question) / 2 / 3) ** 0.5
+    gain, gain_se, better, worse = policy_gain.weighted_change(advantages, question, change)
+    assert gain == pytest.approx(mean) and gain_se == pytest.approx(se)
+    assert better == pytest.approx((0.5 + 0.0 + 2.0) / 3) and worse == pytest.approx((-1.0 - 1.0 + 2.0) / 3)
 
 
 def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     """The tool on the toy: sampled rollouts keep their prompts' order, each rollout's log-prob is finite and
-    the same under a second load of the same weights, so the measured gain is exactly 0; main runs end to end."""
+    the same under a second load of the same weights (and, to rounding, in another batching), so the measured
+    gain is exactly 0; main runs end to end, for focus and for zoom."""
     from tools import policy_gain
     model_dir, data = str(toy / "qwen2-vl"), str(toy / "data" / "test.jsonl")
     args = grpo.parse_args(["--task", "focus", "--model", model_dir, "--data", data, "--output_dir", os.devnull,
@@ -491,10 +499,14 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
         rollouts, advantages = policy_gain.sample_rollouts(model, processor, prompts,
                                                            grpo.load_images(prompts, str(toy / "data")), args, chunk=2)
     assert [r["prompt"] for r in rollouts] == [0, 0, 1, 1, 2, 2] and advantages.shape == (6,)
-    first = policy_gain.rollout_logps(model, processor, rollouts)
-    again = policy_gain.rollout_logps(common.load_model(model_dir).eval(), processor, rollouts)
-    assert torch.isfinite(first).all() and (first < 0).all()
-    assert policy_gain.policy_gain(torch.ones(6), first, again) == 0.0
+    first = policy_gain.rollout_logps(model, processor, rollouts, 1.0)
+    again = policy_gain.rollout_logps(common.load_model(model_dir).eval(), processor, rollouts, 1.0)
+    assert torch.isfinite(first).all() and (first < 0).all() and torch.equal(first, again)
+    assert torch.allclose(first, policy_gain.rollout_logps(model, processor, rollouts, 1.0, chunk=1), atol=1e-4)
+    assert policy_gain.weighted_change(torch.ones(6), torch.arange(6), again - first)[0] == 0.0
     policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
                       "--num_generations", "4"])
     assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out
+    policy_gain.main(["--task", "zoom", "--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "2",
+                      "--num_generations", "2", "--max_turns", "2", "--max_new_tokens", "16"])
+    assert "rollouts have a non-zero advantage (2 questions)" in capsys.readouterr().out

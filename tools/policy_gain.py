@@ -1,12 +1,17 @@
-"""Held-out policy improvement of a GRPO (focus) run, a measure that does not need the greedy answers to move:
-the start model samples G rollouts of VisRL's chain (box -> crop -> answer) per held-out question, each gets
-its group advantage from the answer reward, and for each trained model the change of each rollout's
-log-probability (start -> trained) is weighted by its advantage and averaged over the rollouts whose group
-has a reward spread. Positive: on questions it never saw, the update raised the better rollouts against the
-worse ones; a no-op gives 0, an update against the reward a negative number.
+"""Held-out policy improvement of a GRPO run (focus or zoom), a measure that does not need the greedy answers to
+move: the start model samples G rollouts per held-out question (VisRL's chain box -> crop -> answer, or the zoom
+loop), each gets its group advantage from the run's rewards, and for each trained model the change of each
+rollout's log-probability (start -> trained) is weighted by its advantage. The gain is the mean of that product
+over the questions whose group has a reward spread (each question: the mean over its G rollouts), with its
+standard error over those questions. To first order it is the change in the expected reward on those questions
+(the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
+against the worse ones; a no-op gives 0, an update against the reward a negative number.
 
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
         --questions runs/toy/world/data/test.jsonl --n 96
+    # the zoom loop: any other grpo.py flag is passed on (rewards, turns, tokens)
+    python tools/policy_gain.py --task zoom --start A --trained B --questions Q --rewards answer,zoom_tool \\
+        --max_turns 2 --max_new_tokens 48
 """
 import os
 import sys
@@ -19,7 +24,7 @@ import grpo  # noqa: E402
 
 
 def sample_rollouts(module, processor, prompts, images, args, chunk=16):
-    """G sampled focus rollouts per prompt from `module`, in prompt order, with their group advantages."""
+    """G sampled rollouts per prompt from `module`, in prompt order, with their group advantages."""
     rollouts = []
     for s in common.progress(range(0, len(prompts), chunk), True, desc="rollouts", unit="chunk"):
         part = grpo.rollout(module, processor, prompts[s:s + chunk], images[s:s + chunk], args,
@@ -33,16 +38,55 @@ def sample_rollouts(module, processor, prompts, images, args, chunk=16):
 
 
 @torch.no_grad()
-def rollout_logps(model, processor, rollouts):
-    """Each rollout's summed log-probability (all its steps) under `model`, at temperature 1."""
-    return torch.tensor([float(grpo.sequence_logps(model, model, processor, r["seqs"], 1.0, torch.device("cpu"),
-                                                   reuse_features=False)[0].sum()) for r in rollouts])
+def rollout_logps(model, processor, rollouts, temperature, chunk=16):
+    """Each rollout's summed log-probability (all its sequences) under `model`, at the sampling temperature."""
+    model.eval()
+    out = []
+    for s in range(0, len(rollouts), chunk):
+        part = rollouts[s:s + chunk]
+        seqs = [q for r in part for q in r["seqs"]]
+        owner = torch.tensor([k for k, r in enumerate(part) for _ in r["seqs"]])
+        logp, _ = grpo.sequence_logps(model, model, processor, seqs, temperature, torch.device("cpu"),
+                                      reuse_features=False)
+        out.append(torch.zeros(len(part), dtype=torch.float64).index_add_(0, owner, logp.double().sum(-1)))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def policy_gain(advantages, start_logps, trained_logps):
-    """Mean advantage-weighted log-prob change over the rollouts with a non-zero advantage."""
+def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=()):
+    """The start model's sampled rollouts on the first n held-out questions, kept where their group has a
+    reward spread, with their advantages, question indices and start log-probs (what policy_gain compares)."""
+    args = grpo.parse_args(["--model", start, "--data", questions, "--output_dir", os.devnull,
+                            "--num_generations", str(num_generations), *grpo_flags])
+    prompts = grpo.read_prompts(questions, image_root, args.task)[:n]
+    images = grpo.load_images(prompts, image_root)
+    processor = common.load_processor(start)
+    model = common.load_model(start).eval()
+    torch.manual_seed(seed)
+    rollouts, advantages = sample_rollouts(model, processor, prompts, images, args)
     keep = advantages != 0
-    return float((advantages[keep] * (trained_logps[keep] - start_logps[keep])).mean())
+    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    return {"processor": processor, "temperature": args.temperature, "rollouts": kept, "n_rollouts": len(rollouts),
+            "n_questions": len(prompts), "advantages": advantages[keep].double(),
+            "question": torch.tensor([r["prompt"] for r in kept]),
+            "start_logps": rollout_logps(model, processor, kept, args.temperature)}
+
+
+def weighted_change(advantages, question, change):
+    """(gain, its standard error over questions, mean log-prob change of the better rollouts, of the worse):
+    each question's mean of advantage * change over its rollouts, averaged over questions."""
+    _, group = torch.unique(question, return_inverse=True)
+    n = int(group.max()) + 1
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, group, torch.ones_like(advantages, dtype=torch.float64))
+    per_question = torch.zeros(n, dtype=torch.float64).index_add_(0, group, (advantages * change).double()) / count
+    se = float(per_question.std() / n ** 0.5) if n > 1 else float("nan")
+    return float(per_question.mean()), se, float(change[advantages > 0].mean()), float(change[advantages < 0].mean())
+
+
+def policy_gain(held_out, model):
+    """weighted_change of `model` against the start, on a probe's rollouts."""
+    change = rollout_logps(model, held_out["processor"], held_out["rollouts"], held_out["temperature"]) - \
+        held_out["start_logps"]
+    return weighted_change(held_out["advantages"], held_out["question"], change)
 
 
 def main(argv=None):
@@ -51,38 +95,29 @@ def main(argv=None):
     parser.add_argument("--trained", required=True, nargs="+", help="trained models to measure")
     parser.add_argument("--questions", required=True, help="held-out records (JSONL with question and answer)")
     parser.add_argument("--image_root", default=None, help="image root (default: the questions file's directory)")
+    parser.add_argument("--task", choices=("focus", "zoom"), default="focus")
     parser.add_argument("--n", type=common.POSITIVE_INT, default=96, help="held-out questions (the first n)")
     parser.add_argument("--num_generations", type=common.POSITIVE_INT, default=8, help="rollouts per question")
     parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args(argv)
+    a, grpo_flags = parser.parse_known_args(argv)
     for flag, path in [("--start", a.start)] + [("--trained", t) for t in a.trained]:
         if not os.path.isdir(path):
             parser.error(f"{flag} {path}: no such directory")
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.questions))
-    args = grpo.parse_args(["--task", "focus", "--model", a.start, "--data", a.questions, "--output_dir", os.devnull,
-                            "--rule_metric", "exact", "--max_new_tokens", "32",
-                            "--num_generations", str(a.num_generations)])
-    prompts = grpo.read_prompts(a.questions, image_root, "focus")[:a.n]
-    images = grpo.load_images(prompts, image_root)
-    processor = common.load_processor(a.start)
-    start = common.load_model(a.start).eval()
-    torch.manual_seed(a.seed)
-    with torch.no_grad():
-        rollouts, advantages = sample_rollouts(start, processor, prompts, images, args)
-    keep = advantages != 0
-    kept, adv = [r for r, k in zip(rollouts, keep.tolist()) if k], advantages[keep]
-    print(f"{len(kept)} of {len(rollouts)} rollouts have a non-zero advantage ({len(prompts)} questions)")
+    defaults = ["--rule_metric", "exact", "--max_new_tokens", "32"]  # the toy's: later flags override them
+    held_out = probe(a.start, a.questions, image_root, a.n, a.num_generations, a.seed,
+                     ["--task", a.task, *defaults, *grpo_flags])
+    kept = len(held_out["rollouts"])
+    print(f"{kept} of {held_out['n_rollouts']} rollouts have a non-zero advantage "
+          f"({held_out['n_questions']} questions)")
     if not kept:
         print("no group has a reward spread: nothing to measure (more questions, or a start model that answers "
               "some right)")
         return
-    start_logps = rollout_logps(start, processor, kept)
     for path in a.trained:
-        trained_logps = rollout_logps(common.load_model(path).eval(), processor, kept)
-        change = trained_logps - start_logps
-        print(f"{path}: policy gain {policy_gain(adv, start_logps, trained_logps):+.4f}; mean log-prob change "
-              f"{float(change[adv > 0].mean()):+.3f} (better than their group), "
-              f"{float(change[adv < 0].mean()):+.3f} (worse)")
+        gain, se, better, worse = policy_gain(held_out, common.load_model(path))
+        print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}; mean log-prob change {better:+.3f} (better than "
+              f"their group), {worse:+.3f} (worse)")
 
 
 if __name__ == "__main__":
