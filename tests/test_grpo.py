@@ -482,6 +482,8 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
     gain, gain_se, better, worse = policy_gain.weighted_change(advantages, question, change)
     assert gain == pytest.approx(mean) and gain_se == pytest.approx(se)
     assert better == pytest.approx((0.5 + 0.0 + 2.0) / 3) and worse == pytest.approx((-1.0 - 1.0 + 2.0) / 3)
+    with pytest.raises(ValueError, match="no group with a reward spread"):
+        policy_gain.weighted_change(torch.zeros(0, dtype=torch.float64), torch.zeros(0), torch.zeros(0))
 
 
 def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):

@@ -101,8 +101,8 @@ def test_self_evolution_pairs_prefer_the_target(world, pairs):
     rejected = sum(on_target(p["rejected_box"], truth[p["id"]]) for p in rows) / len(rows)
     print(f"{len(rows)} pairs; chosen box on the target {chosen:.2f}, rejected {rejected:.2f}")
     # Measured 0.64-0.88 and 0.00 over worlds and machines (README); all candidates' boxes are on the target 27-28 %
-    # of the time (pipeline.sh, both seeds), so 0.5 is far above what a reward blind to it would give.
-    assert chosen >= 0.5 and rejected <= 0.1
+    # of the time (pipeline.sh, both seeds), so 0.6 is far above what a reward blind to it would give.
+    assert chosen >= 0.6 and rejected <= 0.1
 
 
 def dpo_run(world, sft, pairs, out):
@@ -118,9 +118,10 @@ def dpo_run(world, sft, pairs, out):
     return end["eval_box/accuracy"], end["eval_box/margin"], end["eval_box/margin_se"]
 
 
-# The held-out margin must clear 0 by this many of its standard errors (README "Learning tests": measured 3.5 to 5.6
-# over two worlds and two DPO seeds; flipped -4.1 and -6.0), and the preference accuracy the flipped run's.
-DPO_T = 2.0
+# Held-out preference accuracy and margin (measured 0.66-0.76 / 0.55-1.48 over two worlds and two DPO seeds; flipped
+# 0.31-0.36 / -0.50 and -1.76), and the margin in its own standard errors (measured 3.5 to 5.6; flipped -4.1 and
+# -6.0): README "Learning tests".
+DPO_ACCURACY, DPO_MARGIN, DPO_T = 0.6, 0.3, 2.0
 
 
 def test_dpo_learns_held_out_preferences_and_a_flipped_preference_does_not(world, sft, pairs, tmp_path,
@@ -141,8 +142,8 @@ def test_dpo_learns_held_out_preferences_and_a_flipped_preference_does_not(world
     broken_accuracy, broken_margin, broken_se = dpo_run(world, sft, pairs, tmp_path / "flipped")
     print(f"flipped preference: held-out preference accuracy {broken_accuracy:.3f}, margin {broken_margin:.3f} ± "
           f"{broken_se:.3f}")
-    assert margin >= DPO_T * se and accuracy > broken_accuracy
-    assert broken_margin < DPO_T * broken_se
+    assert accuracy >= DPO_ACCURACY and margin >= DPO_MARGIN and margin >= DPO_T * se
+    assert broken_accuracy < DPO_ACCURACY and broken_margin < DPO_MARGIN and broken_margin < DPO_T * broken_se
 
 
 # ------------------------------------------------------------------------------------------------- GRPO

@@ -74,6 +74,8 @@ def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=())
 def weighted_change(advantages, question, change):
     """(gain, its standard error over questions, mean log-prob change of the better rollouts, of the worse):
     each question's mean of advantage * change over its rollouts, averaged over questions."""
+    if advantages.numel() == 0:
+        raise ValueError("no rollout has a non-zero advantage (no group with a reward spread): nothing to measure")
     _, group = torch.unique(question, return_inverse=True)
     n = int(group.max()) + 1
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, group, torch.ones_like(advantages, dtype=torch.float64))
