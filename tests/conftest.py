@@ -1,6 +1,8 @@
 """Shared fixtures: a small toy world built once per test session (tiny random Qwen2-VL and Qwen2.5-VL,
-synthetic records), with the same builder `bash pipeline.sh` uses."""
+synthetic records), with the same builder `bash pipeline.sh` uses; the learning tests' world and SFT run, built
+once even when `pytest -n 2` runs two workers; the order in which those workers take the test files."""
 import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -19,6 +21,34 @@ sys.path.insert(0, ROOT)
 SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "viscot")
 PY = sys.executable
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"]  # the toy models, one per common.FAMILIES entry
+LEARNING_SEED = os.environ.get("LEARNING_SEED", "0")  # the learning tests' world and every run's seed
+LEARNING_SFT_FLAGS = ["--finetune", "full", "--lr", "2e-3", "--min_lr_ratio", "0.1", "--warmup_ratio", "0.07",
+                      "--max_steps", "1000", "--batch_size", "8", "--box_decimals", "2"]  # pipeline.sh's SFT
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest -n N: the workers share the cores, each with its share of threads (torch would take them all, and
+    # two such processes spin against each other), and so do the scripts the tests start (the environment is
+    # inherited). Set before any test module imports torch.
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) //
+                                            int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_configure(config):
+    """pytest -n N: whole files to a worker (module fixtures are built once), in the order below."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "load":
+        config.option.dist, config.option.loadscopereorder = "loadfile", False
+
+
+# pytest -n 2 hands whole files to the workers in this order. test_learning.py builds the learning tests' SFT run
+# (learning_sft below) and goes first; the two GRPO learning claims, which start from that run, come once the other
+# worker has had the files up to test_eval.py (about what the SFT run takes), so it need not wait for the run; the
+# short files fill in behind them, so neither worker idles at the end.
+FILE_ORDER = {"test_learning.py": "", "test_learning_focus.py": "test_eval.py~1",
+              "test_learning_zoom.py": "test_eval.py~2"}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FILE_ORDER.get(item.path.name, item.path.name))
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +58,27 @@ def toy(tmp_path_factory):
                     "--n_train", "64", "--n_questions", "16", "--n_test", "16",
                     "--families", ",".join(FAMILIES)], check=True, capture_output=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def learning_sft(tmp_path_factory):
+    """The learning tests' world (make_toy.py, LEARNING_SEED) and pipeline.sh's SFT run on it: (world, sft run
+    directory). Under pytest -n the first worker to ask builds them in the session's shared directory while
+    any other waits on the lock, then finds them done."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common parent
+    out = root / f"learning-{LEARNING_SEED}"
+    with open(str(out) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "done").exists():
+            shutil.rmtree(out, ignore_errors=True)  # a build that failed part-way
+            run_script(PY, os.path.join(ROOT, "tools", "make_toy.py"), "--out", str(out / "world"), "--seed",
+                       LEARNING_SEED)
+            run_script(PY, os.path.join(ROOT, "sft.py"), "--model", str(out / "world" / "qwen2-vl"), "--data",
+                       str(out / "world" / "data" / "train.jsonl"), "--output_dir", str(out / "sft"),
+                       *LEARNING_SFT_FLAGS, "--seed", LEARNING_SEED)
+            (out / "done").touch()
+    return out / "world", out / "sft"
 
 
 def run_script(*argv, env=None, timeout=None):

@@ -488,8 +488,8 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
 
 def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     """The tool on the toy: sampled rollouts keep their prompts' order, each rollout's log-prob is finite and
-    the same under a second load of the same weights (and, to rounding, in another batching), so the measured
-    gain is exactly 0; main runs end to end, for focus and for zoom."""
+    the same under a second load of the same weights (and, to rounding, in another batching or with the
+    rollouts' own vision features), so the measured gain is exactly 0; main runs end to end, for focus and for zoom."""
     from tools import policy_gain
     model_dir, data = str(toy / "qwen2-vl"), str(toy / "data" / "test.jsonl")
     args = grpo.parse_args(["--task", "focus", "--model", model_dir, "--data", data, "--output_dir", os.devnull,
@@ -506,6 +506,20 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     assert torch.isfinite(first).all() and (first < 0).all() and torch.equal(first, again)
     assert torch.allclose(first, policy_gain.rollout_logps(model, processor, rollouts, 1.0, chunk=1), atol=1e-4)
     assert policy_gain.weighted_change(torch.ones(6), torch.arange(6), again - first)[0] == 0.0
+    # The rollouts' own vision features stand in for a second pass of an unchanged vision tower; a model whose
+    # vision weights changed runs its own.
+    reused = policy_gain.rollout_logps(model, processor, rollouts, 1.0, reuse_features=True)
+    assert torch.allclose(first, reused, atol=1e-4)
+    signs = torch.tensor([1.0, -1.0] * 3, dtype=torch.float64)
+    held_out = {"processor": processor, "temperature": 1.0, "rollouts": rollouts, "advantages": signs,
+                "question": torch.arange(6), "vision": policy_gain.vision_weights(model), "start_logps": reused}
+    assert policy_gain.policy_gain(held_out, model)[0] == 0.0
+    other = common.load_model(model_dir).eval()
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if common.is_vision_param(n)).mul_(1.5)
+    change = policy_gain.rollout_logps(other, processor, rollouts, 1.0) - reused
+    assert change.abs().max() > 1e-3
+    assert policy_gain.policy_gain(held_out, other) == policy_gain.weighted_change(signs, torch.arange(6), change)
     policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
                       "--num_generations", "4"])
     assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out

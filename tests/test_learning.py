@@ -1,7 +1,8 @@
 """Learning, in pipeline.sh's regime: SFT on annotated records whose boxes do not say where the answer is (in
 a scene with distractors the box is any of its objects), then RL on questions without boxes. One shared SFT
-fixture, the pipeline's SFT run. Every RL claim is a held-out measure that must clear 0 by a number of its own
-standard errors (DPO: the preference margin on held-out pairs; GRPO: the policy gain of tools/policy_gain.py on
+fixture, the pipeline's SFT run (conftest's learning_sft; the GRPO claims, test_learning_focus.py and
+test_learning_zoom.py, start from it too). Every RL claim is a held-out measure that must clear 0 by a number of
+its own standard errors (DPO: the preference margin on held-out pairs; GRPO: the policy gain of tools/policy_gain.py on
 held-out questions), and is checked against a broken counterpart (the preference or the advantage with its
 sign flipped) that must miss the same bar. The bars are sized by the values measured across perturbed runs
 (LEARNING_SEED=1: another world and training seed; other RL seeds) and machines: README, "Learning tests"."""
@@ -10,19 +11,15 @@ import os
 import sys
 
 import pytest
-from conftest import ROOT, run_script
+from conftest import LEARNING_SEED as SEED, ROOT, run_script
 
 import common
 import eval as evaluate
 import gen_pairs
-import grpo
 import rl_stage1
-from tools import compare, policy_gain
+from tools import compare
 
-SFT_FLAGS = ["--finetune", "full", "--lr", "2e-3", "--min_lr_ratio", "0.1", "--warmup_ratio", "0.07",
-             "--max_steps", "1000", "--batch_size", "8", "--box_decimals", "2"]
 HELD_OUT = 300  # test questions the SFT chain is scored on
-SEED = os.environ.get("LEARNING_SEED", "0")  # the world's and every run's seed
 
 
 def chain_eval(model, world, out, n):
@@ -36,19 +33,16 @@ def chain_eval(model, world, out, n):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    run_script(sys.executable, os.path.join(ROOT, "tools", "make_toy.py"), "--out", str(out), "--seed", SEED)
-    return out
+def world(learning_sft):
+    return learning_sft[0]
 
 
 @pytest.fixture(scope="module")
-def sft(world, tmp_path_factory):
-    """The pipeline's SFT run, and its chain on the held-out questions (the RL tests' starting point)."""
-    out = tmp_path_factory.mktemp("sft")
-    run_script(sys.executable, os.path.join(ROOT, "sft.py"), "--model", str(world / "qwen2-vl"),
-               "--data", str(world / "data" / "train.jsonl"), "--output_dir", str(out), *SFT_FLAGS, "--seed", SEED)
-    return out, chain_eval(out / "final", world, out / "eval.json", HELD_OUT)
+def sft(learning_sft, tmp_path_factory):
+    """The pipeline's SFT run (conftest's learning_sft), and its chain on the held-out questions (the RL tests'
+    starting point)."""
+    world, out = learning_sft
+    return out, chain_eval(out / "final", world, tmp_path_factory.mktemp("sft_eval") / "eval.json", HELD_OUT)
 
 
 def test_sft_learns_to_find_objects_and_read_crops(world, sft, tmp_path):
@@ -144,106 +138,3 @@ def test_dpo_learns_held_out_preferences_and_a_flipped_preference_does_not(world
           f"{broken_se:.3f}")
     assert accuracy >= DPO_ACCURACY and margin >= DPO_MARGIN and margin >= DPO_T * se
     assert broken_accuracy < DPO_ACCURACY and broken_margin < DPO_MARGIN and broken_margin < DPO_T * broken_se
-
-
-# ------------------------------------------------------------------------------------------------- GRPO
-# The GRPO claims are measured as held-out policy improvement (tools/policy_gain.py): the start model samples 8
-# rollouts of each of n held-out questions, and a trained model's change of each rollout's log-probability is
-# weighted by its group advantage. The greedy answers' gain is not the measure: over 20 steps it moved from -0.034
-# to +0.058 between machines and seeds (README "Learning tests"), while the update's direction on held-out
-# questions did not.
-GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.3 to 10.6, flipped -1.8 to +1.4
-
-
-def held_out_probe(world, start, n, *flags):
-    return policy_gain.probe(str(start), str(world / "data" / "test.jsonl"), str(world / "data"), n, 8, int(SEED),
-                             ["--rule_metric", "exact", "--max_new_tokens", "32", *flags])
-
-
-def gains_with_and_against_the_reward(run, probe, steps, flipped_steps, tmp_path, monkeypatch, name):
-    """Held-out policy gains (gain, its standard error) of a GRPO run (run(out, steps) -> the trained model's
-    directory) and of the same run broken: each advantage's sign flipped (lower reward, higher weight)."""
-    gain, se, better, worse = policy_gain.policy_gain(probe, common.load_model(str(run(tmp_path / "grpo", steps))))
-    print(f"GRPO ({name}): held-out policy gain {gain:+.3f} ± {se:.3f} (log-prob change: better rollouts "
-          f"{better:+.2f}, worse {worse:+.2f})")
-    original = grpo.group_advantages
-
-    def flipped(*a, **kw):
-        adv, flat = original(*a, **kw)
-        return -adv, flat
-
-    monkeypatch.setattr(grpo, "group_advantages", flipped)
-    broken, broken_se, better, worse = policy_gain.policy_gain(
-        probe, common.load_model(str(run(tmp_path / "flipped", flipped_steps))))
-    print(f"flipped advantage: held-out policy gain {broken:+.3f} ± {broken_se:.3f} (better {better:+.2f}, "
-          f"worse {worse:+.2f})")
-    return (gain, se), (broken, broken_se)
-
-
-def grpo_run(world, sft, out, steps):
-    """GRPO on the focus chain as pipeline.sh (box-free questions, lr 5e-4, KL weight 0.2) but 16 prompts x 8
-    rollouts a step where pipeline.sh takes 8 (the steadier run)."""
-    grpo.main(["--task", "focus", "--model", str(sft[0] / "final"), "--data", str(world / "data" / "questions.jsonl"),
-               "--image_root", str(world / "data"), "--output_dir", str(out), "--rule_metric", "exact",
-               "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
-               str(steps), "--batch_size", "16", "--num_generations", "8", "--max_new_tokens", "32", "--seed", SEED,
-               "--sample_steps", "0"])
-    return out / "final"
-
-
-def test_grpo_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_does_not(world, sft, tmp_path,
-                                                                                          monkeypatch):
-    """VisRL's chain rolled out whole (box -> crop -> answer), rewarded by the answer alone, 20 steps: on
-    held-out questions the update raises the rollouts that answered better than their group against the worse
-    ones, beyond noise (a no-op gives exactly 0 and fails); the same run with the advantage's sign flipped (lower
-    reward, higher weight), 5 steps, does not."""
-    probe = held_out_probe(world, sft[0] / "final", 512, "--task", "focus")
-    (gain, se), (broken, broken_se) = gains_with_and_against_the_reward(
-        lambda out, steps: grpo_run(world, sft, out, steps), probe, 20, 5, tmp_path, monkeypatch, "focus")
-    assert gain >= GRPO_T * se and broken < GRPO_T * broken_se
-
-
-# ------------------------------------------------------------------------------------ multi-turn zoom
-
-ZOOM_FLAGS = ("--max_turns", "2", "--max_new_tokens", "48", "--rule_metric", "exact")  # one call, then answer
-
-
-@pytest.fixture(scope="module")
-def zoom_sft(world, sft, tmp_path_factory):
-    """The zoom policy's cold start: the pipeline's SFT model fine-tuned (150 steps) on zoom traces of its own
-    annotated records, half with one call on the record's box (any object's, as in the regime), half
-    answering at once."""
-    out = tmp_path_factory.mktemp("zoom_sft")
-    traces = []
-    for i, rec in enumerate(common.read_records(str(world / "data" / "train.jsonl"))):
-        box = rec.pop("bbox")
-        traces.append(dict(rec, zooms=[box] if i % 2 else []))
-    common.write_jsonl(str(out / "traces.jsonl"), traces)
-    run_script(sys.executable, os.path.join(ROOT, "sft.py"), "--model", str(sft[0] / "final"), "--data",
-               str(out / "traces.jsonl"), "--image_root", str(world / "data"), "--output_dir", str(out / "run"),
-               "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.1", "--max_steps", "150", "--batch_size",
-               "8", "--box_decimals", "2", "--seed", SEED)
-    return out / "run" / "final"
-
-
-def zoom_grpo_run(world, zoom_sft, out, steps):
-    """GRPO --task zoom on the box-free questions: answer reward plus DeepEyes' tool bonus (a call that led
-    to a right answer), with the task's default aggregation, dr-grpo (README "Zoom": with seq-mean-token-mean a
-    two-token direct answer weighs twenty times a forty-token zoom turn per token), 16 prompts x 8 rollouts a
-    step."""
-    grpo.main(["--task", "zoom", "--model", str(zoom_sft), "--data", str(world / "data" / "questions.jsonl"),
-               "--image_root", str(world / "data"), "--output_dir", str(out), "--rewards", "answer,zoom_tool",
-               "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
-               str(steps), "--batch_size", "16", "--num_generations", "8", "--seed", SEED, "--sample_steps", "0",
-               *ZOOM_FLAGS])
-    return out / "final"
-
-
-def test_grpo_zoom_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_does_not(world, zoom_sft, tmp_path,
-                                                                                               monkeypatch):
-    """Multi-turn zoom, 20 steps, the same claim on the zoom loop's rollouts (with their rewards: answer and
-    tool bonus); flipped, 3 steps."""
-    probe = held_out_probe(world, zoom_sft, 128, "--task", "zoom", "--rewards", "answer,zoom_tool", *ZOOM_FLAGS)
-    (gain, se), (broken, broken_se) = gains_with_and_against_the_reward(
-        lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps), probe, 20, 3, tmp_path, monkeypatch, "zoom")
-    assert gain >= GRPO_T * se and broken < GRPO_T * broken_se

@@ -38,8 +38,10 @@ def sample_rollouts(module, processor, prompts, images, args, chunk=16):
 
 
 @torch.no_grad()
-def rollout_logps(model, processor, rollouts, temperature, chunk=16):
-    """Each rollout's summed log-probability (all its sequences) under `model`, at the sampling temperature."""
+def rollout_logps(model, processor, rollouts, temperature, reuse_features=False, chunk=16):
+    """Each rollout's summed log-probability (all its sequences) under `model`, at the sampling temperature.
+    reuse_features: take each image's vision features from the rollout (the start model's) instead of running
+    `model`'s vision tower again, for a model whose vision tower is the start's."""
     model.eval()
     out = []
     for s in range(0, len(rollouts), chunk):
@@ -47,14 +49,19 @@ def rollout_logps(model, processor, rollouts, temperature, chunk=16):
         seqs = [q for r in part for q in r["seqs"]]
         owner = torch.tensor([k for k, r in enumerate(part) for _ in r["seqs"]])
         logp, _ = grpo.sequence_logps(model, model, processor, seqs, temperature, torch.device("cpu"),
-                                      reuse_features=False)
+                                      reuse_features)
         out.append(torch.zeros(len(part), dtype=torch.float64).index_add_(0, owner, logp.double().sum(-1)))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def vision_weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if common.is_vision_param(n)}
+
+
 def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=()):
     """The start model's sampled rollouts on the first n held-out questions, kept where their group has a
-    reward spread, with their advantages, question indices and start log-probs (what policy_gain compares)."""
+    reward spread, with their advantages, question indices and start log-probs (what policy_gain compares), and
+the start's vision weights (a trained model that kept them reuses the rollouts' vision features)."""
     args = grpo.parse_args(["--model", start, "--data", questions, "--output_dir", os.devnull,
                             "--num_generations", str(num_generations), *grpo_flags])
     prompts = grpo.read_prompts(questions, image_root, args.task)[:n]
@@ -68,7 +75,8 @@ def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=())
     return {"processor": processor, "temperature": args.temperature, "rollouts": kept, "n_rollouts": len(rollouts),
             "n_questions": len(prompts), "advantages": advantages[keep].double(),
             "question": torch.tensor([r["prompt"] for r in kept]),
-            "start_logps": rollout_logps(model, processor, kept, args.temperature)}
+            "vision": vision_weights(model),
+            "start_logps": rollout_logps(model, processor, kept, args.temperature, reuse_features=True)}
 
 
 def weighted_change(advantages, question, change):
@@ -86,8 +94,11 @@ def weighted_change(advantages, question, change):
 
 def policy_gain(held_out, model):
     """weighted_change of `model` against the start, on a probe's rollouts."""
-    change = rollout_logps(model, held_out["processor"], held_out["rollouts"], held_out["temperature"]) - \
-        held_out["start_logps"]
+    vision = vision_weights(model)
+    same_vision = vision.keys() == held_out["vision"].keys() and all(torch.equal(v, held_out["vision"][n])
+                                                                      for n, v in vision.items())
+    change = rollout_logps(model, held_out["processor"], held_out["rollouts"], held_out["temperature"],
+                           same_vision) - held_out["start_logps"]
     return weighted_change(held_out["advantages"], held_out["question"], change)
 
 
