@@ -482,6 +482,15 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
     gain, gain_se, better, worse = policy_gain.weighted_change(advantages, question, change)
     assert gain == pytest.approx(mean) and gain_se == pytest.approx(se)
     assert better == pytest.approx((0.5 + 0.0 + 2.0) / 3) and worse == pytest.approx((-1.0 - 1.0 + 2.0) / 3)
+    assert policy_gain.question_gains(advantages, question, change).tolist() == pytest.approx(per_question)
+    # --against: another model's gains subtracted per question (the same rollouts), mean and standard error
+    control = torch.tensor([0.0, 0.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    paired = [p - c for p, c in zip(per_question, [0.0, (2.0 - 2.0) / 2, (-0.5 - 0.5) / 2])]
+    diff, diff_se = policy_gain.mean_and_se(policy_gain.question_gains(advantages, question, change) -
+                                            policy_gain.question_gains(advantages, question, control))
+    paired_mean = sum(paired) / 3
+    assert diff == pytest.approx(paired_mean)
+    assert diff_se == pytest.approx((sum((x - paired_mean) ** 2 for x in paired) / 2 / 3) ** 0.5)
     with pytest.raises(ValueError, match="no group with a reward spread"):
         policy_gain.weighted_change(torch.zeros(0, dtype=torch.float64), torch.zeros(0), torch.zeros(0))
 
@@ -523,6 +532,8 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
                       "--num_generations", "4"])
     assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--against .*: not one of --trained"):
+        policy_gain.main(["--start", model_dir, "--trained", model_dir, "--against", data, "--questions", data])
     policy_gain.main(["--task", "zoom", "--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "2",
                       "--num_generations", "2", "--max_turns", "2", "--max_new_tokens", "16"])
     assert "rollouts have a non-zero advantage (2 questions)" in capsys.readouterr().out

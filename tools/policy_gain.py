@@ -1,7 +1,8 @@
-"""Held-out policy improvement of a GRPO run (focus or zoom), a measure that does not need the greedy answers to
-move: the start model samples G rollouts per held-out question (VisRL's chain box -> crop -> answer, or the zoom
-loop), each gets its group advantage from the run's rewards, and for each trained model the change of each
-rollout's log-probability (start -> trained) is weighted by its advantage. The gain is the mean of that product
+"""Held-out policy improvement of a GRPO run (focus or zoom), or of any model trained from the same start (a DPO
+stage, a control), a measure that does not need the greedy answers to move: the start model samples G rollouts
+per held-out question (VisRL's chain box -> crop -> answer, or the zoom loop), each gets its group advantage
+from the run's rewards, and for each trained model the change of each rollout's log-probability (start ->
+trained) is weighted by its advantage. The gain is the mean of that product
 over the questions whose group has a reward spread (each question: the mean over its G rollouts), with its
 standard error over those questions. To first order it is the change in the expected reward on those questions
 (the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
@@ -9,6 +10,9 @@ against the worse ones; a no-op gives 0, an update against the reward a negative
 
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
         --questions runs/toy/world/data/test.jsonl --n 96
+    # pipeline.sh's models, each against the control (SFT continued for as many steps), paired per question
+    python tools/policy_gain.py --start runs/toy/sft/final --questions runs/toy/world/data/test.jsonl --n 512 \\
+        --trained runs/toy/{control,rl1,rl2,grpo}/final --against runs/toy/control/final
     # the zoom loop: any other grpo.py flag is passed on (rewards, turns, tokens)
     python tools/policy_gain.py --task zoom --start A --trained B --questions Q --rewards answer,zoom_tool \\
         --max_turns 2 --max_new_tokens 48
@@ -79,27 +83,43 @@ the start's vision weights (a trained model that kept them reuses the rollouts' 
             "start_logps": rollout_logps(model, processor, kept, args.temperature, reuse_features=True)}
 
 
-def weighted_change(advantages, question, change):
-    """(gain, its standard error over questions, mean log-prob change of the better rollouts, of the worse):
-    each question's mean of advantage * change over its rollouts, averaged over questions."""
+def question_gains(advantages, question, change):
+    """Each question's mean of advantage * change over its rollouts (questions in the order of their index)."""
     if advantages.numel() == 0:
         raise ValueError("no rollout has a non-zero advantage (no group with a reward spread): nothing to measure")
     _, group = torch.unique(question, return_inverse=True)
     n = int(group.max()) + 1
     count = torch.zeros(n, dtype=torch.float64).index_add_(0, group, torch.ones_like(advantages, dtype=torch.float64))
-    per_question = torch.zeros(n, dtype=torch.float64).index_add_(0, group, (advantages * change).double()) / count
-    se = float(per_question.std() / n ** 0.5) if n > 1 else float("nan")
-    return float(per_question.mean()), se, float(change[advantages > 0].mean()), float(change[advantages < 0].mean())
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, group, (advantages * change).double()) / count
+
+
+def mean_and_se(values):
+    return float(values.mean()), float(values.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
+
+
+def in_se(value, se):
+    return f" ({value / se:+.1f} SE)" if se > 0 else ""
+
+
+def weighted_change(advantages, question, change):
+    """(gain, its standard error over questions, mean log-prob change of the better rollouts, of the worse):
+    each question's mean of advantage * change over its rollouts, averaged over questions."""
+    gain, se = mean_and_se(question_gains(advantages, question, change))
+    return gain, se, float(change[advantages > 0].mean()), float(change[advantages < 0].mean())
+
+
+def log_prob_change(held_out, model):
+    """Each probe rollout's log-probability under `model` minus under the start."""
+    vision = vision_weights(model)
+    same_vision = vision.keys() == held_out["vision"].keys() and all(torch.equal(v, held_out["vision"][n])
+                                                                      for n, v in vision.items())
+    return rollout_logps(model, held_out["processor"], held_out["rollouts"], held_out["temperature"],
+                         same_vision) - held_out["start_logps"]
 
 
 def policy_gain(held_out, model):
     """weighted_change of `model` against the start, on a probe's rollouts."""
-    vision = vision_weights(model)
-    same_vision = vision.keys() == held_out["vision"].keys() and all(torch.equal(v, held_out["vision"][n])
-                                                                      for n, v in vision.items())
-    change = rollout_logps(model, held_out["processor"], held_out["rollouts"], held_out["temperature"],
-                           same_vision) - held_out["start_logps"]
-    return weighted_change(held_out["advantages"], held_out["question"], change)
+    return weighted_change(held_out["advantages"], held_out["question"], log_prob_change(held_out, model))
 
 
 def main(argv=None):
@@ -112,7 +132,11 @@ def main(argv=None):
     parser.add_argument("--n", type=common.POSITIVE_INT, default=96, help="held-out questions (the first n)")
     parser.add_argument("--num_generations", type=common.POSITIVE_INT, default=8, help="rollouts per question")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--against", default=None, help="one of --trained (a control): every other one's gain "
+                        "minus its gain, per question, with the standard error of that paired difference")
     a, grpo_flags = parser.parse_known_args(argv)
+    if a.against and a.against not in a.trained:
+        parser.error(f"--against {a.against}: not one of --trained")
     for flag, path in [("--start", a.start)] + [("--trained", t) for t in a.trained]:
         if not os.path.isdir(path):
             parser.error(f"{flag} {path}: no such directory")
@@ -127,10 +151,18 @@ def main(argv=None):
         print("no group has a reward spread: nothing to measure (more questions, or a start model that answers "
               "some right)")
         return
+    per_question = {}
     for path in a.trained:
-        gain, se, better, worse = policy_gain(held_out, common.load_model(path))
-        print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}; mean log-prob change {better:+.3f} (better than "
-              f"their group), {worse:+.3f} (worse)")
+        change = log_prob_change(held_out, common.load_model(path))
+        gain, se, better, worse = weighted_change(held_out["advantages"], held_out["question"], change)
+        per_question[path] = question_gains(held_out["advantages"], held_out["question"], change)
+        print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}{in_se(gain, se)}; mean log-prob change "
+              f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
+    if a.against:
+        for path in a.trained:
+            if path != a.against:
+                diff, se = mean_and_se(per_question[path] - per_question[a.against])
+                print(f"{path} - {a.against}: {diff:+.4f} ± {se:.4f}{in_se(diff, se)} (paired over questions)")
 
 
 if __name__ == "__main__":
