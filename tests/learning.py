@@ -6,12 +6,19 @@ import common
 import grpo
 from tools import policy_gain
 
-# The GRPO claims are measured as held-out policy improvement (tools/policy_gain.py): the start model samples 8
-# rollouts of each of n held-out questions, and a trained model's change of each rollout's log-probability is
-# weighted by its group advantage. The greedy answers' gain is not the measure: over 20 steps it moved from -0.034
-# to +0.058 between machines and seeds (README "Learning tests"), while the update's direction on held-out
-# questions did not.
+# The GRPO claims are measured on held-out questions in two ways (tools/policy_gain.py). The policy gain: the start
+# model samples 8 rollouts of each of n held-out questions, and a trained model's change of each rollout's
+# log-probability is weighted by its group advantage; it shows the update's direction (first order), and must
+# clear its bar where the same run with the advantage flipped does not. The sampled reward: the trained model
+# samples 8 rollouts of each of the first questions itself, against the start's on the same questions; the run
+# must not lower it, and the flipped run must. The greedy answers' gain is not the measure: over 20 steps it moved
+# from -0.034 to +0.058 between machines and seeds (README "Learning tests"), while the update's direction on
+# held-out questions did not.
 GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.3 to 10.6, flipped -1.8 to +1.4
+# The sampled reward must not fall by more than NO_LOSS_T standard errors (measured, seeds 0 and 1: focus +0.0 and
+# +0.6, zoom +6.5 and +9.0), and the flipped run's must fall by more than LOSS_T (focus -15.4 and -5.7, zoom -4.2
+# and -5.8).
+NO_LOSS_T, LOSS_T = 2.0, 3.0
 
 
 def held_out_probe(world, start, n, *flags):
@@ -19,12 +26,23 @@ def held_out_probe(world, start, n, *flags):
                              int(LEARNING_SEED), ["--rule_metric", "exact", "--max_new_tokens", "32", *flags])
 
 
-def gains_with_and_against_the_reward(run, probe, steps, flipped_steps, tmp_path, monkeypatch, name):
-    """Held-out policy gains (gain, its standard error) of a GRPO run (run(out, steps) -> the trained model's
-    directory) and of the same run broken: each advantage's sign flipped (lower reward, higher weight)."""
-    gain, se, better, worse = policy_gain.policy_gain(probe, common.load_model(str(run(tmp_path / "grpo", steps))))
-    print(f"GRPO ({name}): held-out policy gain {gain:+.3f} ± {se:.3f} (log-prob change: better rollouts "
-          f"{better:+.2f}, worse {worse:+.2f})")
+def measure(probe, model_dir, reward_n, name):
+    """(policy gain, its standard error), (sampled reward change on the first reward_n questions, its SE)."""
+    model = common.load_model(str(model_dir))
+    gain, se, better, worse = policy_gain.policy_gain(probe, model)
+    change, change_se, before, after = policy_gain.sampled_reward_change(probe, model, reward_n)
+    print(f"{name}: held-out policy gain {gain:+.3f} ± {se:.3f} ({gain / se:+.1f} SE; log-prob change: better "
+          f"rollouts {better:+.2f}, worse {worse:+.2f}); sampled reward on {reward_n} questions {before:.3f} -> "
+          f"{after:.3f}, {change:+.3f} ± {change_se:.3f} ({change / change_se:+.1f} SE)")
+    return (gain, se), (change, change_se)
+
+
+def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n, tmp_path, monkeypatch, name):
+    """A GRPO run (run(out, steps) -> the trained model's directory) and the same run broken, each advantage's
+    sign flipped (lower reward, higher weight), measured on the probe's held-out questions: the run's policy gain
+    clears GRPO_T standard errors and its sampled reward does not fall; the broken run's gain does not clear the
+    bar and its sampled reward falls."""
+    (gain, se), (reward, reward_se) = measure(probe, run(tmp_path / "grpo", steps), reward_n, f"GRPO ({name})")
     original = grpo.group_advantages
 
     def flipped(*a, **kw):
@@ -32,8 +50,7 @@ def gains_with_and_against_the_reward(run, probe, steps, flipped_steps, tmp_path
         return -adv, flat
 
     monkeypatch.setattr(grpo, "group_advantages", flipped)
-    broken, broken_se, better, worse = policy_gain.policy_gain(
-        probe, common.load_model(str(run(tmp_path / "flipped", flipped_steps))))
-    print(f"flipped advantage: held-out policy gain {broken:+.3f} ± {broken_se:.3f} (better {better:+.2f}, "
-          f"worse {worse:+.2f})")
-    return (gain, se), (broken, broken_se)
+    (broken, broken_se), (broken_reward, broken_reward_se) = measure(
+        probe, run(tmp_path / "flipped", flipped_steps), reward_n, "flipped advantage")
+    assert gain >= GRPO_T * se and broken < GRPO_T * broken_se
+    assert reward >= -NO_LOSS_T * reward_se and broken_reward <= -LOSS_T * broken_reward_se

@@ -507,9 +507,9 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     processor, model = common.load_processor(model_dir), common.load_model(model_dir).eval()
     torch.manual_seed(0)
     with torch.no_grad():
-        rollouts, advantages = policy_gain.sample_rollouts(model, processor, prompts,
-                                                           grpo.load_images(prompts, str(toy / "data")), args, chunk=2)
-    assert [r["prompt"] for r in rollouts] == [0, 0, 1, 1, 2, 2] and advantages.shape == (6,)
+        rollouts, rewards = policy_gain.sample_rollouts(model, processor, prompts,
+                                                        grpo.load_images(prompts, str(toy / "data")), args, chunk=2)
+    assert [r["prompt"] for r in rollouts] == [0, 0, 1, 1, 2, 2] and rewards.shape == (3, 2)
     first = policy_gain.rollout_logps(model, processor, rollouts, 1.0)
     again = policy_gain.rollout_logps(common.load_model(model_dir).eval(), processor, rollouts, 1.0)
     assert torch.isfinite(first).all() and (first < 0).all() and torch.equal(first, again)
@@ -532,6 +532,11 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
                       "--num_generations", "4"])
     assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out
+    # The direct measure: an unchanged model, sampling with the probe's seed and batching, draws the start's
+    # rollouts again, so its reward change is exactly 0.
+    held_out = policy_gain.probe(model_dir, data, str(toy / "data"), 4, 2, 0, ["--max_new_tokens", "32"])
+    change, change_se, before, after = policy_gain.sampled_reward_change(held_out, common.load_model(model_dir), 4)
+    assert change == 0.0 and change_se == 0.0 and before == after
     with pytest.raises(SystemExit, match="--against .*: not one of --trained"):
         policy_gain.main(["--start", model_dir, "--trained", model_dir, "--against", data, "--questions", data])
     policy_gain.main(["--task", "zoom", "--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "2",

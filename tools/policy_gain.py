@@ -8,11 +8,20 @@ standard error over those questions. To first order it is the change in the expe
 (the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
 against the worse ones; a no-op gives 0, an update against the reward a negative number.
 
+First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update
+that lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the
+start never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued)
+included, and DPO stage 2 highest while its sampled reward fell 6.7 points (README, "The toy world"). So a gain
+is evidence of direction next to a counterpart (the same run with the advantage flipped; a control), and
+--reward_n adds the direct measure: each model samples G rollouts of the first N questions itself and its mean
+reward is compared with the start's, per question (paired; the probe's seed, so an unchanged model draws the
+start's very rollouts and scores exactly 0).
+
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
         --questions runs/toy/world/data/test.jsonl --n 96
     # pipeline.sh's models, each against the control (SFT continued for as many steps), paired per question
     python tools/policy_gain.py --start runs/toy/sft/final --questions runs/toy/world/data/test.jsonl --n 512 \\
-        --trained runs/toy/{control,rl1,rl2,grpo}/final --against runs/toy/control/final
+        --reward_n 512 --trained runs/toy/{control,rl1,rl2,grpo}/final --against runs/toy/control/final
     # the zoom loop: any other grpo.py flag is passed on (rewards, turns, tokens)
     python tools/policy_gain.py --task zoom --start A --trained B --questions Q --rewards answer,zoom_tool \\
         --max_turns 2 --max_new_tokens 48
@@ -28,7 +37,7 @@ import grpo  # noqa: E402
 
 
 def sample_rollouts(module, processor, prompts, images, args, chunk=16):
-    """G sampled rollouts per prompt from `module`, in prompt order, with their group advantages."""
+    """G sampled rollouts per prompt from `module`, in prompt order, and their rewards (prompts, G)."""
     rollouts = []
     for s in common.progress(range(0, len(prompts), chunk), True, desc="rollouts", unit="chunk"):
         part = grpo.rollout(module, processor, prompts[s:s + chunk], images[s:s + chunk], args,
@@ -37,8 +46,7 @@ def sample_rollouts(module, processor, prompts, images, args, chunk=16):
             r["prompt"] += s
         rollouts += part
     _, total = grpo.score(rollouts, prompts, args)
-    advantages, _ = grpo.group_advantages(torch.tensor(total).view(-1, args.num_generations), args.scale_rewards)
-    return rollouts, advantages.flatten()
+    return rollouts, torch.tensor(total, dtype=torch.float64).view(-1, args.num_generations)
 
 
 @torch.no_grad()
@@ -73,14 +81,33 @@ the start's vision weights (a trained model that kept them reuses the rollouts' 
     processor = common.load_processor(start)
     model = common.load_model(start).eval()
     torch.manual_seed(seed)
-    rollouts, advantages = sample_rollouts(model, processor, prompts, images, args)
+    rollouts, rewards = sample_rollouts(model, processor, prompts, images, args)
+    advantages = grpo.group_advantages(rewards, args.scale_rewards)[0].flatten()
     keep = advantages != 0
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
     return {"processor": processor, "temperature": args.temperature, "rollouts": kept, "n_rollouts": len(rollouts),
             "n_questions": len(prompts), "advantages": advantages[keep].double(),
             "question": torch.tensor([r["prompt"] for r in kept]),
             "vision": vision_weights(model),
-            "start_logps": rollout_logps(model, processor, kept, args.temperature, reuse_features=True)}
+            "start_logps": rollout_logps(model, processor, kept, args.temperature, reuse_features=True),
+            "prompts": prompts, "images": images, "args": args, "seed": seed, "start_rewards": rewards.mean(1)}
+
+
+def sampled_rewards(held_out, model, n):
+    """`model`'s mean reward per question over G sampled rollouts of each of the probe's first n questions, drawn
+    with the probe's seed and batching (so an unchanged model draws the start's very rollouts)."""
+    torch.manual_seed(held_out["seed"])
+    _, rewards = sample_rollouts(model.eval(), held_out["processor"], held_out["prompts"][:n], held_out["images"][:n],
+                                 held_out["args"])
+    return rewards.mean(1)
+
+
+def sampled_reward_change(held_out, model, n):
+    """The direct measure, for any size of update: `model`'s sampled_rewards against the start's, per question.
+    Returns (mean change, its standard error over the questions, the start's mean reward, the model's)."""
+    after = sampled_rewards(held_out, model, n)
+    before = held_out["start_rewards"][:len(after)]
+    return (*mean_and_se(after - before), float(before.mean()), float(after.mean()))
 
 
 def question_gains(advantages, question, change):
@@ -132,6 +159,9 @@ def main(argv=None):
     parser.add_argument("--n", type=common.POSITIVE_INT, default=96, help="held-out questions (the first n)")
     parser.add_argument("--num_generations", type=common.POSITIVE_INT, default=8, help="rollouts per question")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reward_n", type=common.POSITIVE_INT, default=None,
+                        help="also the direct measure: each model's sampled reward on the first N questions against "
+                        "the start's (sampled_reward_change)")
     parser.add_argument("--against", default=None, help="one of --trained (a control): every other one's gain "
                         "minus its gain, per question, with the standard error of that paired difference")
     a, grpo_flags = parser.parse_known_args(argv)
@@ -151,18 +181,27 @@ def main(argv=None):
         print("no group has a reward spread: nothing to measure (more questions, or a start model that answers "
               "some right)")
         return
-    per_question = {}
+    per_question, rewards = {}, {}
     for path in a.trained:
-        change = log_prob_change(held_out, common.load_model(path))
+        model = common.load_model(path)
+        change = log_prob_change(held_out, model)
         gain, se, better, worse = weighted_change(held_out["advantages"], held_out["question"], change)
         per_question[path] = question_gains(held_out["advantages"], held_out["question"], change)
         print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}{in_se(gain, se)}; mean log-prob change "
               f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
-    if a.against:
-        for path in a.trained:
-            if path != a.against:
-                diff, se = mean_and_se(per_question[path] - per_question[a.against])
-                print(f"{path} - {a.against}: {diff:+.4f} ± {se:.4f}{in_se(diff, se)} (paired over questions)")
+        if a.reward_n:
+            rewards[path] = sampled_rewards(held_out, model, a.reward_n)
+            before = held_out["start_rewards"][:len(rewards[path])]
+            change, change_se = mean_and_se(rewards[path] - before)
+            print(f"{path}: sampled reward on {len(before)} questions {float(before.mean()):.4f} -> "
+                  f"{float(rewards[path].mean()):.4f}, {change:+.4f} ± {change_se:.4f}{in_se(change, change_se)}")
+    for path in a.trained if a.against else []:
+        if path != a.against:
+            for measure, values in (("policy gain", per_question), ("sampled reward", rewards)):
+                if values:
+                    diff, se = mean_and_se(values[path] - values[a.against])
+                    print(f"{path} - {a.against}: {measure} {diff:+.4f} ± {se:.4f}{in_se(diff, se)} (paired over "
+                          f"questions)")
 
 
 if __name__ == "__main__":
