@@ -530,8 +530,10 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     assert change.abs().max() > 1e-3
     assert policy_gain.policy_gain(held_out, other) == policy_gain.weighted_change(signs, torch.arange(6), change)
     policy_gain.main(["--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "4",
-                      "--num_generations", "4"])
-    assert "rollouts have a non-zero advantage (4 questions)" in capsys.readouterr().out
+                      "--num_generations", "4", "--reward_n", "4"])
+    out = capsys.readouterr().out
+    assert "rollouts have a non-zero advantage (4 questions)" in out
+    assert "sampled reward on 4 questions 0.0000 -> 0.0000, +0.0000 ± 0.0000" in out
     # The direct measure: an unchanged model, sampling with the probe's seed and batching, draws the start's
     # rollouts again, so its reward change is exactly 0.
     held_out = policy_gain.probe(model_dir, data, str(toy / "data"), 4, 2, 0, ["--max_new_tokens", "32"])

@@ -178,17 +178,17 @@ def main(argv=None):
     print(f"{kept} of {held_out['n_rollouts']} rollouts have a non-zero advantage "
           f"({held_out['n_questions']} questions)")
     if not kept:
-        print("no group has a reward spread: nothing to measure (more questions, or a start model that answers "
-              "some right)")
-        return
+        print("no group has a reward spread: no policy gain to measure (more questions, or a start model that "
+              "answers some right)")
     per_question, rewards = {}, {}
     for path in a.trained:
         model = common.load_model(path)
-        change = log_prob_change(held_out, model)
-        gain, se, better, worse = weighted_change(held_out["advantages"], held_out["question"], change)
-        per_question[path] = question_gains(held_out["advantages"], held_out["question"], change)
-        print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}{in_se(gain, se)}; mean log-prob change "
-              f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
+        if kept:
+            change = log_prob_change(held_out, model)
+            gain, se, better, worse = weighted_change(held_out["advantages"], held_out["question"], change)
+            per_question[path] = question_gains(held_out["advantages"], held_out["question"], change)
+            print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}{in_se(gain, se)}; mean log-prob change "
+                  f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
         if a.reward_n:
             rewards[path] = sampled_rewards(held_out, model, a.reward_n)
             before = held_out["start_rewards"][:len(rewards[path])]
