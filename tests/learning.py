@@ -1,4 +1,4 @@
-"""The learning tests' GRPO measure, shared by the focus claim (test_learning.py) and the zoom claim
+"""The learning tests' GRPO measures, shared by the focus claim (test_learning_focus.py) and the zoom claim
 (test_learning_zoom.py)."""
 from conftest import LEARNING_SEED
 
@@ -31,9 +31,9 @@ def measure(probe, model_dir, reward_n, name):
     model = common.load_model(str(model_dir))
     gain, se, better, worse = policy_gain.policy_gain(probe, model)
     change, change_se, before, after = policy_gain.sampled_reward_change(probe, model, reward_n)
-    print(f"{name}: held-out policy gain {gain:+.3f} ± {se:.3f} ({gain / se:+.1f} SE; log-prob change: better "
-          f"rollouts {better:+.2f}, worse {worse:+.2f}); sampled reward on {reward_n} questions {before:.3f} -> "
-          f"{after:.3f}, {change:+.3f} ± {change_se:.3f} ({change / change_se:+.1f} SE)")
+    print(f"{name}: held-out policy gain {gain:+.3f} ± {se:.3f}{policy_gain.in_se(gain, se)}, log-prob change: "
+          f"better rollouts {better:+.2f}, worse {worse:+.2f}; sampled reward on {reward_n} questions {before:.3f} "
+          f"-> {after:.3f}, {change:+.3f} ± {change_se:.3f}{policy_gain.in_se(change, change_se)}")
     return (gain, se), (change, change_se)
 
 

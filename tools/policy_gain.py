@@ -72,8 +72,9 @@ def vision_weights(model):
 
 def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=()):
     """The start model's sampled rollouts on the first n held-out questions, kept where their group has a
-    reward spread, with their advantages, question indices and start log-probs (what policy_gain compares), and
-the start's vision weights (a trained model that kept them reuses the rollouts' vision features)."""
+    reward spread, with their advantages, question indices and start log-probs (what policy_gain compares), the
+    start's vision weights (a trained model that kept them reuses the rollouts' vision features), and what
+    sampled_rewards needs: the questions, the seed and the start's mean reward per question."""
     args = grpo.parse_args(["--model", start, "--data", questions, "--output_dir", os.devnull,
                             "--num_generations", str(num_generations), *grpo_flags])
     prompts = grpo.read_prompts(questions, image_root, args.task)[:n]
@@ -102,12 +103,16 @@ def sampled_rewards(held_out, model, n):
     return rewards.mean(1)
 
 
-def sampled_reward_change(held_out, model, n):
-    """The direct measure, for any size of update: `model`'s sampled_rewards against the start's, per question.
-    Returns (mean change, its standard error over the questions, the start's mean reward, the model's)."""
-    after = sampled_rewards(held_out, model, n)
+def reward_change(held_out, after):
+    """(mean change, its standard error over the questions, the start's mean reward, the model's) of a model's
+    sampled_rewards against the start's on the same questions."""
     before = held_out["start_rewards"][:len(after)]
     return (*mean_and_se(after - before), float(before.mean()), float(after.mean()))
+
+
+def sampled_reward_change(held_out, model, n):
+    """The direct measure, for any size of update: reward_change of `model`'s sampled_rewards."""
+    return reward_change(held_out, sampled_rewards(held_out, model, n))
 
 
 def question_gains(advantages, question, change):
@@ -191,10 +196,9 @@ def main(argv=None):
                   f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
         if a.reward_n:
             rewards[path] = sampled_rewards(held_out, model, a.reward_n)
-            before = held_out["start_rewards"][:len(rewards[path])]
-            change, change_se = mean_and_se(rewards[path] - before)
-            print(f"{path}: sampled reward on {len(before)} questions {float(before.mean()):.4f} -> "
-                  f"{float(rewards[path].mean()):.4f}, {change:+.4f} ± {change_se:.4f}{in_se(change, change_se)}")
+            change, change_se, before, after = reward_change(held_out, rewards[path])
+            print(f"{path}: sampled reward on {len(rewards[path])} questions {before:.4f} -> {after:.4f}, "
+                  f"{change:+.4f} ± {change_se:.4f}{in_se(change, change_se)}")
     for path in a.trained if a.against else []:
         if path != a.against:
             for measure, values in (("policy gain", per_question), ("sampled reward", rewards)):
