@@ -18,7 +18,7 @@ GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.3
 # The sampled reward must not fall by more than NO_LOSS_T standard errors (measured over two worlds and two sampling
 # seeds: focus +0.0 to +1.7, zoom +6.5 to +10.1), and the flipped run's must fall by more than LOSS_T (focus -4.7 to
 # -15.4, zoom -3.9 to -6.7).
-NO_LOSS_T, LOSS_T = 2.0, 2.5
+NO_LOSS_T, LOSS_T = 2.0, 3.0
 
 
 def held_out_probe(world, start, n, *flags):
