@@ -102,6 +102,9 @@ def parse_args(argv=None):
     r.add_argument("--loss_aggregation", default=None, choices=AGGREGATIONS,
                    help="loss normaliser (default: seq-mean-token-mean, Visual-RFT's; dr-grpo for --task zoom)")
     r.add_argument("--mask_truncated", action="store_true", help="no loss on rollouts that hit --max_new_tokens")
+    r.add_argument("--box_must_end", action=argparse.BooleanOptionalAction, default=True,
+                   help="focus: a box step that runs to --max_new_tokens without its end-of-turn is no box (the "
+                        "rollout scores 0); --no-box_must_end reads a box at the start of any box step")
     r.add_argument("--reference", default=None, choices=["adapter_disabled", "model"],
                    help="reference log-probs from the policy with its LoRA off (default for a new LoRA) or a frozen "
                         "copy of the starting model (--ref_model)")
@@ -449,7 +452,9 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
         im = images[r["prompt"]]
         w, h = im.size
         resized = common.smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
-        r["box"] = None if r["invalid"] else common.parse_box(r["box_text"], args.box_format, w, h, resized)
+        ended = r["seqs"][0]["stopped"] or not args.box_must_end
+        r["box"] = None if r["invalid"] or not ended else common.parse_box(r["box_text"], args.box_format, w, h,
+                                                                           resized)
         if r["box"] is not None:
             r["crop"] = common.crop_box(r["box"], w, h, common.token_pixels(processor))
             todo.append(r)

@@ -253,7 +253,7 @@ def policy(toy):
 
 def rollout_args(**kw):
     return SimpleNamespace(**{"task": "grounding", "prompt_set": "visrl", "box_format": "viscot", "max_new_tokens": 6,
-                              "temperature": 1.0, "rewards": ["grounding_iou"], "reward_weights": [1.0],
+                              "temperature": 1.0, "box_must_end": True, "rewards": ["grounding_iou"], "reward_weights": [1.0],
                               "rule_metric": "f1", **kw})
 
 
@@ -296,9 +296,12 @@ def test_rollouts_stay_aligned_with_their_prompts_and_images(toy, policy):
         assert per_fn["grounding_iou"][k] == want[0] == total[k]
 
 
-def test_focus_rollout_crops_its_own_box(toy, policy):
+@pytest.mark.parametrize("box_step", ["ended", "unended", "unended, --no-box_must_end"])
+def test_focus_rollout_crops_its_own_box(toy, policy, box_step):
     """The focus chain: a rollout with a parseable box gets a second sequence whose second image is the crop
-    of that box from its own image; one without gets none and scores 0."""
+    of that box from its own image; one without gets none and scores 0. A box step that ran out of tokens
+    (a box, then text to --max_new_tokens) has no box by default: seed 0's pipeline GRPO spent steps 7-25
+    with up to 97 % of its box steps writing on after the box, free while the reward read the box alone."""
     model, processor = policy
     root = str(toy / "data")
     prompts = grpo.read_prompts(str(toy / "data" / "train.jsonl"), root, "focus")[:2]
@@ -314,14 +317,22 @@ def test_focus_rollout_crops_its_own_box(toy, policy):
         if len(calls) == 1:  # step 1: the box
             ids = processor_.tokenizer(box_text, add_special_tokens=False)["input_ids"] + \
                 [processor_.tokenizer.eos_token_id]
-            return [{"prompt_tokens": len(e["input_ids"]), "ids": ids, "stopped": True} for e in encoded]
+            if box_step != "ended":  # no end of turn: text after the box to the token budget
+                ids = ids[:-1] + processor_.tokenizer("0.1", add_special_tokens=False)["input_ids"]
+            return [{"prompt_tokens": len(e["input_ids"]), "ids": ids, "stopped": box_step == "ended"}
+                    for e in encoded]
         return real_generate(module, processor_, encoded, **kw)
 
     common.generate_encoded, saved = scripted, common.generate_encoded
     try:
-        rollouts = grpo.rollout(model, processor, prompts, images, rollout_args(task="focus"), 2, True)
+        rollouts = grpo.rollout(model, processor, prompts, images,
+                                rollout_args(task="focus", box_must_end="no-" not in box_step), 2, True)
     finally:
         common.generate_encoded = saved
+    if box_step == "unended":
+        assert calls == [4] and all(r["box"] is None and len(r["seqs"]) == 1 for r in rollouts)
+        assert grpo.score(rollouts, prompts, rollout_args(task="focus", rewards=["answer"]))[1] == [0.0] * 4
+        return
     assert calls == [4, 4]
     for r in rollouts:
         assert r["box"] is not None and len(r["seqs"]) == 2
