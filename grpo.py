@@ -22,7 +22,9 @@ Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
   grounding       one box (our `bbox` in pixels, or a `solution` box in --box_format): grounding_giou
   focus           VisRL's chain as one rollout: box (step 1) -> crop -> answer (step 2); reward: answer
                   (rule judge on the record's answer). Both steps' tokens get the rollout's advantage; an
-                  unparsable box ends the rollout with reward 0.
+                  unparsable box ends the rollout with reward 0, and so does a box step that ran out of tokens
+                  without its end of turn (--box_must_end: read leniently, text after the box was free, and a
+                  run drifted there).
   zoom            multi-turn zoom (README "Zoom"): each turn the policy answers or writes <zoom>box</zoom>, and
                   the runtime shows it that region of the image as the next turn, up to --max_turns turns;
                   reward: answer (add zoom_tool for DeepEyes' tool bonus, granted only with a right answer, or
@@ -452,7 +454,7 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
         im = images[r["prompt"]]
         w, h = im.size
         resized = common.smart_resize_hw(processor, w, h) if args.box_format == "qwen25" else None
-        ended = r["seqs"][0]["stopped"] or not args.box_must_end
+        ended = r["seqs"][0]["stopped"] or not args.box_must_end  # as a zoom call must end to count
         r["box"] = None if r["invalid"] or not ended else common.parse_box(r["box_text"], args.box_format, w, h,
                                                                            resized)
         if r["box"] is not None:

@@ -11,7 +11,7 @@ against the worse ones; a no-op gives 0, an update against the reward a negative
 First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update
 that lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the
 start never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued)
-included, and DPO stage 2 highest while its sampled reward fell 6.7 points (README, "The toy world"). So a gain
+included, and DPO stage 2 highest while its sampled reward fell 6.8 points (README, "The toy world"). So a gain
 is evidence of direction next to a counterpart (the same run with the advantage flipped; a control), and
 --reward_n adds the direct measure: each model samples G rollouts of the first N questions itself and its mean
 reward is compared with the start's, per question (paired; the probe's seed, so an unchanged model draws the
