@@ -89,8 +89,10 @@ offline_rl() {
 
 online_rl() {
     # 6. Online GRPO, VisRL's chain as one rollout (--task focus): the SFT model samples a box, answers on its
-    #    crop, and the answer alone is the reward (exact match); both steps' tokens are trained. 8 box-free
-    #    questions x 8 rollouts per step; KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    #    crop, and the answer alone is the reward (exact match; 0 when the box step does not end: grpo.py's
+    #    default, without which seed 0's box steps drifted into text after the box); both steps' tokens are
+    #    trained. 8 box-free questions x 8 rollouts per step (4 x 16 won at seed 1, lost at 0 and 2); KL weight
+    #    0.2 (at 0.04 and lr 1e-3 runs lost the box format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
         --warmup_ratio 0.15 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 8 \
