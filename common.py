@@ -1036,19 +1036,39 @@ def response_ids(processor, text):
     return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def encode(processor, ex, images=None):
+def process(processor, text, images, pixels=True):
+    """processor(text, images) for one sequence. pixels=False: the same input_ids, mm_token_type_ids and
+    image_grid_thw from the images' sizes alone, and no pixel_values: for a sequence whose images' vision
+    features are computed once elsewhere (generation, the RL stages), so no image is preprocessed twice."""
+    if pixels or not images:
+        return processor(text=[text], images=images or None, return_tensors="pt")
+    patch = processor.image_processor.patch_size
+    grid = torch.tensor([[1, rh // patch, rw // patch] for rh, rw in (smart_resize_hw(processor, *im.size)
+                                                                      for im in images)])
+    pieces = text.split(processor.image_token)
+    if len(pieces) != len(images) + 1:
+        raise ValueError(f"{len(pieces) - 1} image placeholders in the text for {len(images)} images")
+    text = pieces[0] + "".join(processor.replace_image_token({"image_grid_thw": grid}, i) + piece
+                               for i, piece in enumerate(pieces[1:]))
+    ids = processor.tokenizer([text], return_tensors="pt")["input_ids"]
+    return {"input_ids": ids, "mm_token_type_ids": torch.tensor(processor.create_mm_token_type_ids(ids.tolist())),
+            "image_grid_thw": grid}
+
+
+def encode(processor, ex, images=None, pixels=True):
     """Token ids, labels (assistant tokens + EOS only: every model turn of a zoom trace), mm_token_type_ids
-    and pixels of one example. A text-only example (no image in its messages) has pixel_values None."""
+    and pixels of one example. A text-only example (no image in its messages) has pixel_values and
+    image_grid_thw None; pixels=False (process): image_grid_thw without pixel_values."""
     prompt = processor.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
     images = images if images is not None else ex.images()
     shown = len(images) - len(ex.views)  # the prompt's images; each zoom call's view follows its turn
-    out = processor(text=[prompt], images=images[:shown] or None, return_tensors="pt")
+    out = process(processor, prompt, images[:shown], pixels)
     ids = out["input_ids"][0]
     enc = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX),
            "mm_token_type_ids": out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else torch.zeros_like(ids),
            "pixel_values": out.get("pixel_values"), "image_grid_thw": out.get("image_grid_thw")}
     for call, image in zip(ex.calls, images[shown:]):
-        enc = extend_turn(processor, enc, response_ids(processor, call), image)
+        enc = extend_turn(processor, enc, response_ids(processor, call), image, pixels)
     if ex.response is not None:
         enc = extend_turn(processor, enc, response_ids(processor, ex.response))
     return enc
@@ -1073,24 +1093,27 @@ def tool_turn_text(processor):
     return _TOOL_TURNS[processor]
 
 
-def extend_turn(processor, enc, ids, image=None):
+def extend_turn(processor, enc, ids, image=None, pixels=True):
     """A conversation's encoding (encode's dict) continued by a model turn, `ids` (EOS last; labelled), and,
-    given an image, the tool turn that shows it, up to the next assistant prompt (not labelled). The ids are
-    the model's own tokens when it generated them: nothing is re-tokenised."""
+    given an image, the tool turn that shows it, up to the next assistant prompt (not labelled); pixels as in
+    process. The ids are the model's own tokens when it generated them: nothing is re-tokenised."""
     ids = torch.as_tensor(ids, dtype=enc["input_ids"].dtype)
     parts = {"input_ids": [enc["input_ids"], ids], "labels": [enc["labels"], ids],
              "mm_token_type_ids": [enc["mm_token_type_ids"], torch.zeros_like(ids)]}
-    pixels, grid = enc["pixel_values"], enc["image_grid_thw"]
+    values, grid = enc["pixel_values"], enc["image_grid_thw"]
     if image is not None:
-        tool = processor(text=[tool_turn_text(processor)], images=[image], return_tensors="pt")
+        tool = process(processor, tool_turn_text(processor), [image], pixels)
         t_ids = tool["input_ids"][0]
         parts["input_ids"].append(t_ids)
         parts["labels"].append(torch.full_like(t_ids, IGNORE_INDEX))
         parts["mm_token_type_ids"].append(tool["mm_token_type_ids"][0] if "mm_token_type_ids" in tool
                                           else torch.zeros_like(t_ids))
-        pixels = tool["pixel_values"] if pixels is None else torch.cat([pixels, tool["pixel_values"]])
+        if "pixel_values" not in tool:  # pixels=False: the conversation's images go by their features
+            values = None
+        else:
+            values = tool["pixel_values"] if values is None else torch.cat([values, tool["pixel_values"]])
         grid = tool["image_grid_thw"] if grid is None else torch.cat([grid, tool["image_grid_thw"]])
-    return {**{k: torch.cat(v) for k, v in parts.items()}, "pixel_values": pixels, "image_grid_thw": grid}
+    return {**{k: torch.cat(v) for k, v in parts.items()}, "pixel_values": values, "image_grid_thw": grid}
 
 
 def collate(encoded, pad_id, side="right"):
@@ -1106,9 +1129,10 @@ def collate(encoded, pad_id, side="right"):
         ones, zeros = torch.ones(len(e["input_ids"]), dtype=torch.long), torch.zeros(pad, dtype=torch.long)
         batch["attention_mask"].append(torch.cat([ones, zeros] if side == "right" else [zeros, ones]))
     batch = {k: torch.stack(v) for k, v in batch.items()}
-    with_images = [e for e in encoded if e["pixel_values"] is not None]
-    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images]) if with_images else None
+    with_images = [e for e in encoded if e["image_grid_thw"] is not None]
     batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images]) if with_images else None
+    with_pixels = with_images and all(e["pixel_values"] is not None for e in with_images)  # else: features given
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images]) if with_pixels else None
     return batch
 
 
@@ -1192,7 +1216,8 @@ def generate_tokens(model, processor, examples, max_new_tokens=32, do_sample=Fal
     and whether it stopped at EOS (False: it hit max_new_tokens, or ran max_time seconds). `features`: per
     example, its images' precomputed vision features (image_features), used instead of running the vision
     tower again."""
-    encoded = [encode(processor, ex, images[i] if images else None) for i, ex in enumerate(examples)]
+    encoded = [encode(processor, ex, images[i] if images else None, pixels=features is None)
+               for i, ex in enumerate(examples)]
     return generate_encoded(model, processor, encoded, max_new_tokens, do_sample, temperature, features, max_time)
 
 
@@ -1203,7 +1228,7 @@ def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=Fal
     listed G times."""
     batch = to_device(collate(encoded, processor.tokenizer.pad_token_id, side="left"), model.device)
     batch.pop("labels")
-    if batch["pixel_values"] is None:  # text-only prompts
+    if batch["image_grid_thw"] is None:  # text-only prompts
         batch.pop("pixel_values"), batch.pop("image_grid_thw")
     elif features is not None:
         batch.pop("pixel_values")
@@ -1319,7 +1344,7 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
             c = convs[k]
             key = (id(c["images"][0]), tuple(view))
             crop = shown[key][0] if key in shown else crops.setdefault(key, c["images"][0].crop(view))
-            enc = extend_turn(processor, c["enc"], ids, crop)
+            enc = extend_turn(processor, c["enc"], ids, crop, pixels=False)
             if max_context and len(enc["input_ids"]) + gen["max_new_tokens"] > max_context:
                 c.update(ids=ids, text=tok.decode(ids, skip_special_tokens=True), stopped=True, context_hit=True)
                 continue

@@ -424,7 +424,8 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
     vision_ids = set(tok.convert_tokens_to_ids(list(common.VISION_TOKENS)))
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, temperature=args.temperature)
     full = common.image_features(module, processor, images)
-    enc = [common.encode(processor, Example(p["rec"], None, first_messages(p, args.task, args.prompt_set)), [im])
+    enc = [common.encode(processor, Example(p["rec"], None, first_messages(p, args.task, args.prompt_set)), [im],
+                         pixels=False)
            for p, im in zip(prompts, images)]
     if args.task == "zoom":
         convs = common.zoom_conversations(module, processor, [e for e in enc for _ in range(n)],
@@ -467,7 +468,8 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
     examples = [Example(prompts[r["prompt"]]["rec"], None, common.answer_messages(prompts[r["prompt"]]["text"],
                                                                                   args.prompt_set), crop=r["crop"])
                 for r in todo]
-    enc2 = [common.encode(processor, ex, [images[r["prompt"]], c]) for ex, r, c in zip(examples, todo, crops)]
+    enc2 = [common.encode(processor, ex, [images[r["prompt"]], c], pixels=False)
+            for ex, r, c in zip(examples, todo, crops)]
     answers = common.generate_encoded(module, processor, enc2, features=[[full[r["prompt"]], f] for r, f in
                                                                          zip(todo, crop_feats)], **gen)
     for r, e, c, f, res in zip(todo, enc2, crops, crop_feats, answers):
@@ -518,8 +520,7 @@ def sequence_logps(model, module, processor, seqs, temperature, device, reuse_fe
     """Per-token log-probs (S, T-1) and label masks of the sequences at the sampling temperature. Vision
     features: the rollout's own when the vision tower is frozen (they are what it would compute again),
     else recomputed with gradients, each distinct image once."""
-    batch = common.collate(train_batch(seqs), processor.tokenizer.pad_token_id)
-    batch["pixel_values"] = None  # the features below stand in for them: G copies need not go to the device
+    batch = common.collate(train_batch(seqs), processor.tokenizer.pad_token_id)  # no pixels: features below
     batch = common.to_device(batch, device)
     if reuse_features:
         features = [f for s in seqs for f in s["features"]]

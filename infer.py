@@ -107,7 +107,8 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
     full = common.image_features(model, processor, images)
 
     if mode == "zoom":
-        first = [common.encode(processor, common.Example(rec, None, common.zoom_messages(rec["question"])), [im])
+        first = [common.encode(processor, common.Example(rec, None, common.zoom_messages(rec["question"])), [im],
+                               pixels=False)
                  for rec, im in zip(records, images)]
         convs = common.zoom_conversations(model, processor, first, images, full, box_format, max_turns, max_context,
                                           **gen)

@@ -164,7 +164,7 @@ def unit_batch(units, processor, module):
                 index[key] = len(images)
                 images.append(im)
         per_unit.append([index[k] for k in keys])
-        encoded += [common.encode(processor, ex, seq_images) for ex in (u["chosen"], u["rejected"])]
+        encoded += [common.encode(processor, ex, seq_images, pixels=False) for ex in (u["chosen"], u["rejected"])]
     features = common.vision_features(module, processor, images)
     return common.collate(encoded, processor.tokenizer.pad_token_id), \
         [features[i] for ids in per_unit for _ in range(2) for i in ids]

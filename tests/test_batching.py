@@ -117,6 +117,22 @@ def test_estimated_length_matches_encoding(loaded, toy, family):
         assert common.estimate_tokens(processor, ex, 224, 168) == len(common.encode(processor, ex)["input_ids"])
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoding_without_pixels_lays_out_the_same_tokens(loaded, toy, family):
+    """encode(pixels=False), for sequences whose vision features come from elsewhere, reads the images' sizes
+    only: the same ids, labels, token types and image grids as the processor with pixels, for one- and
+    two-image prompts and a zoom trace whose views have odd sizes."""
+    _, processor = loaded[family]
+    r = records(toy)[3]
+    zoom = Example(r, str(toy / "data"), common.zoom_messages(r["question"]), r["answer"],
+                   calls=["[1, 2, 3, 4]", "[5, 6, 7, 8]"], views=[[3, 5, 120, 77], [10, 10, 47, 39]])
+    for ex in examples(toy) + [zoom]:
+        with_pixels, without = common.encode(processor, ex), common.encode(processor, ex, pixels=False)
+        assert without["pixel_values"] is None and with_pixels["pixel_values"] is not None
+        for key in ("input_ids", "labels", "mm_token_type_ids", "image_grid_thw"):
+            assert torch.equal(with_pixels[key], without[key]), key
+
+
 def test_lora_targets_language_model_only(toy):
     import argparse
     args = argparse.Namespace(finetune="lora", lora_r=4, lora_alpha=8, lora_dropout=0.0,
