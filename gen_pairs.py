@@ -192,10 +192,13 @@ class Judge:
         if crop_only:
             # No annotated box: can the policy answer from the crop alone? The answer prompt, greedy, with the
             # crop shown in place of the full image too (the format it was trained on, without the context).
+            # Each crop, shown twice, goes through the vision tower once.
             examples = [common.Example(rec, None, common.answer_messages(rec["question"], self.args.prompt_set))
                         for rec, _, _ in crop_only]
-            crops = [[full.crop(tuple(cand["crop"]))] * 2 for _, full, cand in crop_only]
-            answers = common.generate(self.policy, self.processor, examples, self.args.max_new_tokens, images=crops)
+            crops = [full.crop(tuple(cand["crop"])) for _, full, cand in crop_only]
+            feats = common.image_features(self.policy, self.processor, crops)
+            answers = common.generate(self.policy, self.processor, examples, self.args.max_new_tokens,
+                                      images=[[c, c] for c in crops], features=[[f, f] for f in feats])
             for (rec, _, cand), answer in zip(crop_only, answers):
                 cand["s_B"] = self.metric(answer, rec["answer"])
                 cand["crop_only_answer"] = answer
