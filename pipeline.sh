@@ -46,7 +46,9 @@ mkdir -p "$OUT/logs"
 
 # 1. The toy world: models and data from one seed; 2000 test questions, so a paired standard error of the answer
 #    score is about one point (the test records come last: the first 1000 are those of a 1000-question world).
-stage "toy world" $PY tools/make_toy.py --out "$WORLD" --seed "$SEED" --n_test 2000
+#    The distractors are shapes no question names (a cross, a ring): an answer read off a distractor's crop is a
+#    guess, as a wrong crop's answer is in VisRL's data, not a correct reading DPO stage 2 would unlearn (README).
+stage "toy world" $PY tools/make_toy.py --out "$WORLD" --seed "$SEED" --n_test 2000 --distractors unnamed
 
 # 2. Two-step SFT on the annotated questions: full fine-tuning of the language model, the random vision tower
 #    frozen (trained, it collapses its tokens: README), 2-decimal box text (SPEC section 8).

@@ -62,9 +62,11 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learning_sft(tmp_path_factory):
-    """The learning tests' world (make_toy.py, LEARNING_SEED) and pipeline.sh's SFT run on it: (world, sft run
-    directory). Under pytest -n the first worker to ask builds them in the session's shared directory while
-    any other waits on the lock, then finds them done."""
+    """The learning tests' world (make_toy.py's default, LEARNING_SEED) and pipeline.sh's SFT run on it: (world,
+    sft run directory). The default world's distractors are named shapes (pipeline.sh's are not): the bars of
+    the learning tests were sized by runs on it, and they test the loops, not the regime. Under pytest -n the
+    first worker to ask builds them in the session's shared directory while any other waits on the lock, then
+    finds them done."""
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common parent
     out = root / f"learning-{LEARNING_SEED}"

@@ -28,6 +28,20 @@ def test_splits_box_what_the_regime_says(tmp_path):
     assert all(r["bbox"] == targets[r["id"]] for r in common.read_records(str(data / "test.jsonl")))
 
 
+def test_unnamed_distractors_are_shapes_no_answer_names(tmp_path):
+    """--distractors unnamed draws each distractor as a cross or a ring, so no answer read off a distractor's crop
+    is right by reading it; the target is one of the named shapes in a colour, as in the default world."""
+    import random
+
+    from tools.make_toy import SHAPES, UNNAMED, make_scene
+    for kind, distractor_shapes in (("named", SHAPES), ("unnamed", UNNAMED)):
+        rng = random.Random(0)
+        scenes = [make_scene(rng, str(tmp_path / f"{kind}_{i}.png"), 3, kind) for i in range(60)]
+        assert {shape for scene in scenes for colour, shape, _ in scene[1:]} == set(distractor_shapes)
+        assert all(colour == "grey" for scene in scenes for colour, _, _ in scene[1:])
+        assert {scene[0][1] for scene in scenes} == set(SHAPES) and all(scene[0][0] != "grey" for scene in scenes)
+
+
 def test_the_zoom_world_needs_two_nested_looks(tmp_path):
     """tools/make_zoom_toy.py: each trace is the asked colour's tile, then the shape inside it (nested, as sft.py
     checks), the box is the shape's; and the processor shows the full image a quarter size (the shape 3 pixels

@@ -14,9 +14,10 @@ writes
     toy/data/images/*.png
 
 The scene (README "The toy world"): a 224x168 image on a 4x3 grid of 56-pixel cells; the target, a 16-pixel
-shape in one of four colours, and 0-2 dark grey distractor shapes, each centred in its cell on a pale tile
-whose tint says which cell it is (the tiny model reads position off the tint). "What shape is the red
-object?" The processor shows the model the full image at half resolution (max_pixels = 112 x 84: 12 vision
+shape in one of four colours, and 0-2 dark grey distractor shapes (a circle, square or triangle as the target,
+or with --distractors unnamed, pipeline.sh's world, a cross or a ring: shapes no answer names), each centred
+in its cell on a pale tile whose tint says which cell it is (the tiny model reads position off the tint).
+"What shape is the red object?" The processor shows the model the full image at half resolution (max_pixels = 112 x 84: 12 vision
 tokens, a shape 8 pixels wide) and a crop at least 28 pixels wide upscaled to 56 (the shape 32 pixels wide):
 the detail is in the crop, so the answer depends on where the model looks.
 
@@ -38,6 +39,7 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")  # five made SFT's crop reading slower and the table no clearer
+UNNAMED = ("cross", "ring")  # distractor shapes no answer names (--distractors unnamed)
 WIDTH, HEIGHT = 224, 168
 GRID_COLS, GRID_ROWS = 4, 3  # 56-pixel cells: one merged vision token each in the half-resolution view
 OBJECT = 16  # pixels: 8 in the full view, 32 in the upscaled crop of its box
@@ -74,7 +76,13 @@ IMAGE_PROCESSOR = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 
 
 def draw_shape(draw, shape, box, colour):
     x1, y1, x2, y2 = box
-    if shape == "circle":
+    if shape == "cross":  # a distractor no question names (--distractors unnamed)
+        t = (x2 - x1) // 4
+        draw.rectangle([x1, (y1 + y2) // 2 - t // 2 - 1, x2 - 1, (y1 + y2) // 2 + t // 2], fill=colour)
+        draw.rectangle([(x1 + x2) // 2 - t // 2 - 1, y1, (x1 + x2) // 2 + t // 2, y2 - 1], fill=colour)
+    elif shape == "ring":
+        draw.ellipse([x1, y1, x2 - 1, y2 - 1], outline=colour, width=3)
+    elif shape == "circle":
         draw.ellipse([x1, y1, x2 - 1, y2 - 1], fill=colour)
     elif shape == "square":
         draw.rectangle([x1, y1, x2 - 1, y2 - 1], fill=colour)
@@ -88,7 +96,7 @@ def cell_tint(col, row):
     return (240 - 30 * col, 240 - 40 * row, 200)
 
 
-def make_scene(rng, image_path, max_objects):
+def make_scene(rng, image_path, max_objects, distractors="named"):
     """Draw the target (a random colour) and 0..max_objects-1 grey distractors, each in its own cell on its
     cell's tile; returns [(colour, shape, box)], the target first."""
     n = rng.randint(1, max_objects)
@@ -106,19 +114,19 @@ def make_scene(rng, image_path, max_objects):
         # placement does not learn at this model size on a CPU budget).
         x, y = col * cell_w + (cell_w - OBJECT) // 2, row * cell_h + (cell_h - OBJECT) // 2
         box = [x, y, x + OBJECT, y + OBJECT]
-        shape = rng.choice(SHAPES)
+        shape = rng.choice(SHAPES if colour != "grey" or distractors == "named" else UNNAMED)
         draw_shape(draw, shape, box, COLOURS.get(colour, DISTRACTOR))
         objects.append((colour, shape, box))
     image.save(image_path)
     return objects
 
 
-def make_record(rng, index, split, image_dir, max_objects, boxes):
+def make_record(rng, index, split, image_dir, max_objects, boxes, distractors="named"):
     """One image and the question about its target. boxes: "target" (its box), "any" (the box of an object
     drawn uniformly from the scene: an annotator who boxed something in the picture without reading the
     question) or None (no box)."""
     name = f"{split}_{index:05d}.png"
-    objects = make_scene(rng, os.path.join(image_dir, name), max_objects)
+    objects = make_scene(rng, os.path.join(image_dir, name), max_objects, distractors)
     colour, shape, box = objects[0]
     rec = {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
            "answer": shape, "width": WIDTH, "height": HEIGHT, "dataset": "toy", "objects": len(objects)}
@@ -231,6 +239,8 @@ def main():
     parser.add_argument("--train_boxes", default="any", choices=["any", "target"],
                         help="the training box: any object of the scene (default: boxes that do not say where "
                              "the answer is) or the target's")
+    parser.add_argument("--distractors", default="named", choices=["named", "unnamed"],
+                        help="the distractors' shapes: those the questions ask about, or others (cross, ring)")
     parser.add_argument("--families", default="qwen2-vl,qwen2.5-vl",
                         help=f"tiny models to build, comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
@@ -248,7 +258,8 @@ def main():
                             ("test", args.n_test, "target")):
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
             for i in range(n):
-                rec, targets[f"{split}-{i}"] = make_record(rng, i, split, image_dir, args.max_objects, boxes)
+                rec, targets[f"{split}-{i}"] = make_record(rng, i, split, image_dir, args.max_objects, boxes,
+                                                           args.distractors)
                 f.write(json.dumps(rec) + "\n")
     # The targets' boxes of every record, for diagnostics (how often a stage's boxes land on the target);
     # no stage reads this file.
