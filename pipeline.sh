@@ -3,7 +3,7 @@
 # in the papers' regime: box annotations do not say where the answer is (SFT's 1000 annotated questions box
 # any object of the scene, the asked one or a distractor), question-answer pairs without boxes are plentiful
 # (the RL stages see 2000 others, never a box), and every stage is scored on 2000 held-out questions, next to
-# a control that continues SFT for as many steps as the RL stages take.
+# two controls that continue SFT for as many steps as the RL stages take (at their rate, and at half of it).
 #   bash pipeline.sh            # seed 0; SEED=1 bash pipeline.sh for another world and other training seeds
 # Each stage reads the previous stage's files; OUT puts the run elsewhere (default runs/toy, replaced).
 set -euo pipefail
@@ -99,10 +99,18 @@ online_rl() {
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
         --warmup_ratio 0.15 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 8 \
         --max_new_tokens 32 --seed "$SEED"
+
+    # 7. A second control at half the rate: at the RL stages' rate, continued SFT can lose what SFT had (seeds 2
+    #    and 3: -4.5 and -7.3 points), and a gain over a control that forgets is not a gain over more SFT.
+    stage "control at half the rate" $PY sft.py --model "$OUT/sft/final" --data "$DATA/train.jsonl" \
+        --image_root "$DATA" --output_dir "$OUT/control_half" --finetune full --lr 2.5e-4 --warmup_ratio 0.15 \
+        --max_steps $RL_STEPS --batch_size 8 --box_decimals 2 --seed "$SEED"
+    stage "eval: control at half the rate" $EVAL --model "$OUT/control_half/final" --label "control (half lr)" \
+        --out "$OUT/eval/control_half.json"
 }
 lanes offline_rl online_rl
 
-# 7. Every model on the 2000 held-out questions: the two-step chain, greedy (eval.py runs infer.py's code).
+# 8. Every model on the 2000 held-out questions: the two-step chain, greedy (eval.py runs infer.py's code).
 evals_a() {
     stage "eval: control" $EVAL --model "$OUT/control/final" --label control --out "$OUT/eval/control.json"
     stage "eval: DPO stage 1" $EVAL --model "$OUT/rl1/final" --label "DPO stage 1" --out "$OUT/eval/rl1.json"
@@ -113,12 +121,14 @@ evals_b() {
 }
 lanes evals_a evals_b
 
-# 8. One table, and each RL row's paired difference (same questions) from its start, SFT and the control.
+# 9. One table, and each RL row's paired difference (same questions) from its start, SFT and both controls.
 printf '\nThe two-step chain on %s held-out questions (box_acc: IoU > 0.5 with the annotated box; answer_score: exact match);\n' \
     "$(wc -l < "$DATA/test.jsonl")"
 printf 'paired differences: mean per-question difference ± its standard error. Whole run: %d s (logs: %s).\n\n' \
     $((SECONDS - T0)) "$OUT/logs"
 E=$OUT/eval
-$PY tools/compare.py "$E/sft.json" "$E/control.json" "$E/rl1.json" "$E/rl2.json" "$E/grpo.json" \
-    --diff control SFT --diff "DPO stage 1" SFT --diff "DPO stage 2" "DPO stage 1" --diff "DPO stage 2" SFT \
-    --diff "DPO stage 2" control --diff "GRPO (focus)" SFT --diff "GRPO (focus)" control
+$PY tools/compare.py "$E/sft.json" "$E/control.json" "$E/control_half.json" "$E/rl1.json" "$E/rl2.json" \
+    "$E/grpo.json" --diff control SFT --diff "control (half lr)" SFT --diff "DPO stage 1" SFT \
+    --diff "DPO stage 2" "DPO stage 1" --diff "DPO stage 2" SFT --diff "DPO stage 2" control \
+    --diff "DPO stage 2" "control (half lr)" --diff "GRPO (focus)" SFT --diff "GRPO (focus)" control \
+    --diff "GRPO (focus)" "control (half lr)"
