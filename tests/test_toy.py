@@ -33,13 +33,22 @@ def test_unnamed_distractors_are_shapes_no_answer_names(tmp_path):
     is right by reading it; the target is one of the named shapes in a colour, as in the default world."""
     import random
 
-    from tools.make_toy import SHAPES, UNNAMED, make_scene
+    from PIL import ImageDraw
+
+    from tools.make_toy import SHAPES, UNNAMED, draw_shape, make_scene
     for kind, distractor_shapes in (("named", SHAPES), ("unnamed", UNNAMED)):
         rng = random.Random(0)
         scenes = [make_scene(rng, str(tmp_path / f"{kind}_{i}.png"), 3, kind) for i in range(60)]
         assert {shape for scene in scenes for colour, shape, _ in scene[1:]} == set(distractor_shapes)
         assert all(colour == "grey" for scene in scenes for colour, _, _ in scene[1:])
         assert {scene[0][1] for scene in scenes} == set(SHAPES) and all(scene[0][0] != "grey" for scene in scenes)
+    # Each of the five shapes draws its own pixels: a cross or a ring is not one of the named shapes redrawn.
+    masks = set()
+    for shape in SHAPES + UNNAMED:
+        image = Image.new("L", (16, 16), 0)
+        draw_shape(ImageDraw.Draw(image), shape, [0, 0, 16, 16], 255)
+        masks.add(image.tobytes())
+    assert len(masks) == len(SHAPES + UNNAMED)
 
 
 def test_the_zoom_world_needs_two_nested_looks(tmp_path):

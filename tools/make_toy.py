@@ -17,9 +17,9 @@ The scene (README "The toy world"): a 224x168 image on a 4x3 grid of 56-pixel ce
 shape in one of four colours, and 0-2 dark grey distractor shapes (a circle, square or triangle as the target,
 or with --distractors unnamed, pipeline.sh's world, a cross or a ring: shapes no answer names), each centred
 in its cell on a pale tile whose tint says which cell it is (the tiny model reads position off the tint).
-"What shape is the red object?" The processor shows the model the full image at half resolution (max_pixels = 112 x 84: 12 vision
-tokens, a shape 8 pixels wide) and a crop at least 28 pixels wide upscaled to 56 (the shape 32 pixels wide):
-the detail is in the crop, so the answer depends on where the model looks.
+"What shape is the red object?" The processor shows the model the full image at half resolution (max_pixels =
+112 x 84: 12 vision tokens, a shape 8 pixels wide) and a crop at least 28 pixels wide upscaled to 56 (the shape
+32 pixels wide): the detail is in the crop, so the answer depends on where the model looks.
 
 The regime (the papers' premises): box annotations are few and do not say where the answer is (in a scene
 with distractors, a training record's box is any of its objects, as from an annotator who boxed something in
