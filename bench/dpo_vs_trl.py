@@ -20,6 +20,40 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+FULL, LINEAR = "full_attention", "linear_attention"
+# Released checkpoints' shapes with random weights (grpo_vs_trl.py --arch), each from the toy model of its family
+# (tools/make_toy.py --families): its tokenizer's ids are a subset of the real vocabulary, so the embedding and LM
+# head cost what the real ones do. qwen2-vl-2b and qwen3-vl-8b: their config.json; qwen3.5-9b: transformers'
+# Qwen3_5Config defaults ("Qwen3.5-9B style"), with a full-attention layer every fourth.
+ARCHS = {
+    "qwen2-vl-2b": {"toy": "qwen2-vl", "tie": True,
+                    "text": {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+                             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                             "layer_types": [FULL] * 28, "max_window_layers": 28,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                 "mrope_section": [16, 24, 24]}},
+                    "vision": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "hidden_size": 1536}},  # merger output
+    "qwen3-vl-8b": {"toy": "qwen3-vl", "tie": False,
+                    "text": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+                             "vocab_size": 151936,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_interleaved": True,
+                                                 "mrope_section": [24, 20, 20]}},
+                    "vision": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                               "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24],
+                               "out_hidden_size": 4096}},
+    "qwen3.5-9b": {"toy": "qwen3.5", "tie": False,
+                   "text": {"hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 32,
+                            "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 256,
+                            "vocab_size": 248320, "layer_types": [LINEAR, LINEAR, LINEAR, FULL] * 8,
+                            "linear_num_value_heads": 32, "linear_num_key_heads": 16, "linear_key_head_dim": 128,
+                            "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4,
+                            "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "mrope_interleaved": True,
+                                                "mrope_section": [11, 11, 10], "partial_rotary_factor": 0.25}},
+                   "vision": {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+                              "num_position_embeddings": 2304, "out_hidden_size": 4096}},
+}
+
 
 def build(args, work):
     """The scaled model (work/model) and the pairs (work/pairs.jsonl)."""
@@ -27,23 +61,19 @@ def build(args, work):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     import common
-    toy_model = os.path.join(args.toy, "qwen2-vl")
+    arch = getattr(args, "arch", "toy")
+    toy_model = os.path.join(args.toy, ARCHS[arch]["toy"] if arch != "toy" else "qwen2-vl")
     model_dir = os.path.join(work, "model")
     config = AutoConfig.from_pretrained(toy_model)
-    if getattr(args, "arch", "toy") == "qwen2-vl-2b":
-        # Qwen2-VL-2B-Instruct's shapes (its config.json), random weights; the toy tokenizer's ids are a subset
-        # of its 151936-entry vocabulary, so the LM head costs what the real one does.
-        text = {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
-                "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6}
-        for k, v in text.items():
+    if arch != "toy":
+        for k, v in ARCHS[arch]["text"].items():
             setattr(config.text_config, k, v)
-        config.text_config.layer_types = ["full_attention"] * 28
-        config.text_config.max_window_layers = 28
-        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True  # as the 2B checkpoint
-        config.text_config.rope_parameters = dict(config.text_config.rope_parameters, rope_theta=1e6,
-                                                  mrope_section=[16, 24, 24])
-        config.vision_config.depth, config.vision_config.embed_dim, config.vision_config.num_heads = 32, 1280, 16
-        config.vision_config.hidden_size = 1536
+        for k, v in ARCHS[arch]["vision"].items():
+            setattr(config.vision_config, k, v)
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = ARCHS[arch]["tie"]
+        # a trained checkpoint's weight scale: the toy's std 0.08 at width 4096 overflows bf16 activations
+        config.initializer_range = config.text_config.initializer_range = 0.02
+        config.vision_config.initializer_range = 0.02
     else:
         config.vision_config.depth, config.vision_config.embed_dim = args.vision_depth, args.vision_width
         config.vision_config.num_heads = args.vision_width // 64
@@ -52,7 +82,7 @@ def build(args, work):
         config.text_config.num_attention_heads, config.text_config.num_key_value_heads = args.lm_width // 32, 2
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    if getattr(args, "arch", "toy") == "qwen2-vl-2b":
+    if arch != "toy":
         model = model.to(torch.bfloat16)  # what a real checkpoint holds (and half the bytes to write)
     model.save_pretrained(model_dir)
     for name in os.listdir(toy_model):
@@ -73,7 +103,7 @@ def build(args, work):
         im = common.load_image(r, os.path.join(args.toy, "data")).resize((args.image_size, args.image_size))
         name = f"images/{i}.png"
         im.save(os.path.join(work, name))
-        sx, sy = args.image_size / 168, args.image_size / 112
+        sx, sy = args.image_size / r["width"], args.image_size / r["height"]
         box = [r["bbox"][0] * sx, r["bbox"][1] * sy, r["bbox"][2] * sx, r["bbox"][3] * sy]
         wrong = [(box[0] + args.image_size / 3) % (args.image_size * 2 / 3), box[1], 0, box[3]]
         wrong[2] = wrong[0] + box[2] - box[0]

@@ -22,12 +22,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dpo_vs_trl  # noqa: E402  (the model builder; torch-free at import)
 
 
 def build(args):
     """The model (dpo_vs_trl.py's builder) and grounding prompts: each pair's chosen box is its record's box."""
     import common
-    import dpo_vs_trl
     dpo_vs_trl.build(args, args.work)
     prompts = []
     for p in common.read_jsonl(os.path.join(args.work, "pairs.jsonl")):
@@ -120,7 +120,6 @@ print(json.dumps({"steps_per_s": len(steady) / sum(steady), "generation_share": 
 
 
 def run_trl(args, model_dir):
-    import dpo_vs_trl
     return dpo_vs_trl.run_trl_script(TRL_SCRIPT, model_dir, args.work, args.prompts, args.G, args.max_new_tokens,
                                      args.steps, args.dtype, args.attn)
 
@@ -129,8 +128,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", default=os.path.join(ROOT, "runs", "toy", "world"), help="a make_toy.py world")
     parser.add_argument("--work", default=os.path.join(ROOT, "runs", "bench_grpo"), help="scratch directory")
-    parser.add_argument("--arch", default="toy", choices=["toy", "qwen2-vl-2b"],
-                        help="toy: the toy config scaled by the flags below; qwen2-vl-2b: the 2B model's shapes")
+    parser.add_argument("--arch", default="toy", choices=["toy", *dpo_vs_trl.ARCHS],
+                        help="toy: the toy Qwen2-VL config scaled by the flags below; otherwise a released model's "
+                             "shapes (dpo_vs_trl.ARCHS; --toy must hold that family's toy model)")
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--pairs", type=int, default=64, help="prompts to build")
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
