@@ -22,8 +22,10 @@ SAMPLES = os.path.join(ROOT, "..", "shared", "samples", "viscot")
 PY = sys.executable
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl", "qwen3.5"]  # the toy models, one per common.FAMILIES entry
 LEARNING_SEED = os.environ.get("LEARNING_SEED", "0")  # the learning tests' world and every run's seed
+# pipeline.sh's SFT but for --min_lr_ratio (the pipeline's now decays to 0): the learning tests' bars were sized on runs
+# from this one, and they test the loops, not the regime's table.
 LEARNING_SFT_FLAGS = ["--finetune", "full", "--lr", "2e-3", "--min_lr_ratio", "0.1", "--warmup_ratio", "0.07",
-                      "--max_steps", "1000", "--batch_size", "8", "--box_decimals", "2"]  # pipeline.sh's SFT
+                      "--max_steps", "1000", "--batch_size", "8", "--box_decimals", "2"]
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest -n N: the workers share the cores, each with its share of threads (torch would take them all, and
@@ -62,11 +64,11 @@ def toy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def learning_sft(tmp_path_factory):
-    """The learning tests' world (make_toy.py's default, LEARNING_SEED) and pipeline.sh's SFT run on it: (world,
-    sft run directory). The default world's distractors are named shapes (pipeline.sh's are not): the bars of
-    the learning tests were sized by runs on it, and they test the loops, not the regime. Under pytest -n the
-    first worker to ask builds them in the session's shared directory while any other waits on the lock, then
-    finds them done."""
+    """The learning tests' world (make_toy.py's default, LEARNING_SEED) and an SFT run on it as pipeline.sh's
+    (LEARNING_SFT_FLAGS): (world, sft run directory). The default world's distractors are named shapes
+    (pipeline.sh's are not): the bars of the learning tests were sized by runs on it, and they test the loops,
+    not the regime. Under pytest -n the first worker to ask builds them in the session's shared directory while
+    any other waits on the lock, then finds them done."""
     root = tmp_path_factory.getbasetemp()
     root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' common parent
     out = root / f"learning-{LEARNING_SEED}"

@@ -1,6 +1,6 @@
 """Learning, in pipeline.sh's regime: SFT on annotated records whose boxes do not say where the answer is (in
 a scene with distractors the box is any of its objects), then RL on questions without boxes. One shared SFT
-fixture, the pipeline's SFT run (conftest's learning_sft; the GRPO claims, test_learning_focus.py and
+fixture, an SFT run as the pipeline's (conftest's learning_sft; the GRPO claims, test_learning_focus.py and
 test_learning_zoom.py, start from it too). Every RL claim is a held-out measure that must clear 0 by a number of
 its own standard errors (DPO: the preference margin on held-out pairs; GRPO: the policy gain of tools/policy_gain.py on
 held-out questions), and is checked against a broken counterpart (the preference or the advantage with its
@@ -39,7 +39,7 @@ def world(learning_sft):
 
 @pytest.fixture(scope="module")
 def sft(learning_sft, tmp_path_factory):
-    """The pipeline's SFT run (conftest's learning_sft), and its chain on the held-out questions (the RL tests'
+    """The shared SFT run (conftest's learning_sft), and its chain on the held-out questions (the RL tests'
     starting point)."""
     world, out = learning_sft
     return out, chain_eval(out / "final", world, tmp_path_factory.mktemp("sft_eval") / "eval.json", HELD_OUT)

@@ -22,7 +22,7 @@ ZOOM_FLAGS = ("--max_turns", "2", "--max_new_tokens", "48", "--rule_metric", "ex
 
 @pytest.fixture(scope="module")
 def zoom_sft(world, learning_sft, tmp_path_factory):
-    """The zoom policy's cold start: the pipeline's SFT model fine-tuned (150 steps) on zoom traces of its own
+    """The zoom policy's cold start: the shared SFT model fine-tuned (150 steps) on zoom traces of its own
     annotated records, half with one call on the record's box (any object's, as in the regime), half
     answering at once."""
     out = tmp_path_factory.mktemp("zoom_sft")
