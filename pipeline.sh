@@ -98,9 +98,10 @@ online_rl() {
     #    crop, and the answer alone is the reward (exact match; 0 when the box step does not end: grpo.py's
     #    default, without which seed 0's box steps drifted into text after the box); both steps' tokens are
     #    trained. 8 box-free questions x 4 rollouts per step: the gain grows with the number of steps (60 steps of
-    #    8 x 8 moved nothing, 300 gained 4.6 to 4.9 points: README), and 4 rollouts a step buy 300 steps in this
-    #    run's time. lr 3e-4: at 5e-4 with 4 rollouts one world of four lost its box format (-4.6 points). KL
-    #    weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    #    8 x 8 moved nothing, 300 gained 4.6 to 11.5 points in four worlds: README), and 4 rollouts a step buy 300
+    #    steps in about 7 minutes for the whole run (8 would take about 11). lr 3e-4: at 5e-4 with 4 rollouts one
+    #    world of four lost its box format (-4.6 points). KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box
+    #    format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 3e-4 \
         --warmup_ratio 0.05 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 4 \
@@ -113,8 +114,12 @@ online_rl() {
 lanes offline_rl online_rl
 
 # 6. DPO stage 2 and GRPO on the 2000 held-out questions: the two-step chain, greedy (eval.py runs infer.py's code).
-eval_rl2() { stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"; }
-eval_grpo() { stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"; }
+eval_rl2() {
+    stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"
+}
+eval_grpo() {
+    stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"
+}
 lanes eval_rl2 eval_grpo
 
 # 7. One table, and each RL row's paired difference (same questions) from its start, SFT and both controls.

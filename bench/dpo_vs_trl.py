@@ -55,6 +55,21 @@ ARCHS = {
 }
 
 
+def released_config(toy, arch):
+    """A released model's config (ARCHS[arch]) built on its family's toy model in the world `toy`: the toy's
+    token ids and processor, the real shapes."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(os.path.join(toy, ARCHS[arch]["toy"]))
+    for k, v in ARCHS[arch]["text"].items():
+        setattr(config.text_config, k, v)
+    for k, v in ARCHS[arch]["vision"].items():
+        setattr(config.vision_config, k, v)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = ARCHS[arch]["tie"]
+    # a trained checkpoint's weight scale: the toy's std 0.08 at width 4096 overflows bf16 activations
+    config.initializer_range = config.text_config.initializer_range = config.vision_config.initializer_range = 0.02
+    return config
+
+
 def build(args, work):
     """The scaled model (work/model) and the pairs (work/pairs.jsonl)."""
     import torch
@@ -64,17 +79,10 @@ def build(args, work):
     arch = getattr(args, "arch", "toy")
     toy_model = os.path.join(args.toy, ARCHS[arch]["toy"] if arch != "toy" else "qwen2-vl")
     model_dir = os.path.join(work, "model")
-    config = AutoConfig.from_pretrained(toy_model)
     if arch != "toy":
-        for k, v in ARCHS[arch]["text"].items():
-            setattr(config.text_config, k, v)
-        for k, v in ARCHS[arch]["vision"].items():
-            setattr(config.vision_config, k, v)
-        config.tie_word_embeddings = config.text_config.tie_word_embeddings = ARCHS[arch]["tie"]
-        # a trained checkpoint's weight scale: the toy's std 0.08 at width 4096 overflows bf16 activations
-        config.initializer_range = config.text_config.initializer_range = 0.02
-        config.vision_config.initializer_range = 0.02
+        config = released_config(args.toy, arch)
     else:
+        config = AutoConfig.from_pretrained(toy_model)
         config.vision_config.depth, config.vision_config.embed_dim = args.vision_depth, args.vision_width
         config.vision_config.num_heads = args.vision_width // 64
         config.vision_config.hidden_size = config.text_config.hidden_size = args.lm_width

@@ -1,0 +1,29 @@
+"""bench/dpo_vs_trl.py ARCHS: each released model's shapes, built on its family's toy model, make a model of the
+released size (on the meta device: no weights are drawn), with the family's structure kept."""
+import os
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import dpo_vs_trl  # noqa: E402
+
+# parameters (billions, 2 decimals) of the released checkpoints: Qwen2-VL-2B 2.21, Qwen3-VL-8B 8.77; Qwen3.5-9B-style
+# is transformers' default Qwen3_5Config shapes
+SIZES = {"qwen2-vl-2b": 2.21, "qwen3-vl-8b": 8.77, "qwen3.5-9b": 9.41}
+
+
+@pytest.mark.parametrize("arch", sorted(dpo_vs_trl.ARCHS))
+def test_released_shapes_give_the_released_size(toy, arch):
+    config = dpo_vs_trl.released_config(str(toy), arch)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == SIZES[arch]
+    assert config.model_type == {"qwen2-vl": "qwen2_vl", "qwen3-vl": "qwen3_vl",
+                                 "qwen3.5": "qwen3_5"}[dpo_vs_trl.ARCHS[arch]["toy"]]
+    if arch == "qwen3.5-9b":  # the hybrid stays hybrid
+        assert set(config.text_config.layer_types) == {"linear_attention", "full_attention"}
