@@ -1143,23 +1143,150 @@ def to_device(batch, device):
 def token_logprobs(model, batch, temperature=1.0, features=None):
     """Log-probabilities of the labelled tokens: (B, T-1) with 0 where unlabelled, and the label mask.
     Only labelled positions are projected onto the vocabulary (the image-heavy prompt never is), in
-    float32, with the sampling temperature applied (SPEC trap 10). `features`: the batch's images' vision
+    float32 or wider, with the sampling temperature applied (SPEC trap 10). `features`: the batch's images' vision
     features in order (vision_features), used instead of batch["pixel_values"], so sequences that share an
-    image (chosen and rejected) share one encode."""
+    image (chosen and rejected) share one encode; sequences that open with the same prompt and images run it
+    once (prefix_groups)."""
     labels = batch["labels"]
     labelled = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labelled  # the logits at t predict token t+1
-    vision = {"pixel_values": batch.get("pixel_values")} if features is None else \
-        {"mm_encoder_outputs": {"image": _encoder_outputs(features)}}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],
-                logits_to_keep=keep, use_cache=False, **vision)
-    logits = out.logits.float() / temperature  # (number of labelled tokens, vocab), row-major order
+    groups = prefix_groups(model, batch, features)
+    if groups is not None:
+        logits = shared_prefix_logits(model, batch, features, keep, *groups)
+    else:
+        vision = {"pixel_values": batch.get("pixel_values")} if features is None else \
+            {"mm_encoder_outputs": {"image": _encoder_outputs(features)}}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       image_grid_thw=batch.get("image_grid_thw"), mm_token_type_ids=batch["mm_token_type_ids"],
+                       logits_to_keep=keep, use_cache=False, **vision).logits
+    # at least float32 (a bf16 model's logits are not), in row-major order: (number of labelled tokens, vocab)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp = torch.log_softmax(logits, -1).gather(-1, labels[:, 1:][labelled].unsqueeze(-1)).squeeze(-1)
     per_token = torch.zeros(labelled.shape, dtype=logp.dtype, device=logp.device)
     per_token = per_token.masked_scatter(labelled, logp)
     return per_token, labelled
+
+
+# Shared prefixes. The G rollouts of a GRPO prompt, a DPO pair's chosen and rejected response, open with the same
+# prompt and image: its tokens run through the language model once, and each sequence continues from that
+# prompt's KV cache (the same logits and gradients, to float rounding: tests/test_batching.py). A prompt of P tokens
+# with G completions of C costs P + G*C tokens instead of G*(P + C).
+
+def prefix_groups(model, batch, features):
+    """Which rows of a batch share a prefix: for each row, the length of its prefix and its group's index, and
+    each group's first row; None when no two rows share one, or when the model cannot continue a batch from a
+    KV cache as the full forward would run (shared_prefix_logits). Rows share a prefix when its tokens are the
+    same and so are its images, by identity: one VisionFeatures object, so one encode. A prefix ends before the
+    first position whose logits are kept and before an image of the row's (a crop) the others need not share;
+    each row takes the longest prefix another row shares (none: its own, and no saving)."""
+    if not features or not _continues_from_cache(model):
+        return None
+    ids, types = batch["input_ids"].tolist(), batch["mm_token_type_ids"].tolist()
+    labelled = (batch["labels"] != IGNORE_INDEX).tolist()
+    lengths = batch["attention_mask"].sum(1).tolist()
+    candidates, seen, first = [], {}, 0
+    for row in range(len(ids)):
+        n = lengths[row]
+        runs = _image_runs(types[row][:n])  # one run of image tokens per image, in the order of `features`
+        images = [id(f) for f in features[first:first + len(runs)]]
+        first += len(runs)
+        cut = min([t for t in range(1, n) if labelled[row][t]] or [n]) - 1  # logits at cut predict the first label
+        cuts = sorted({max(1, min([s for s, e in runs if s < c < e] or [c])) for c in
+                       [s for s, _ in runs[1:] if s <= cut] + [cut]})
+        keys = [(tuple(ids[row][:c]), tuple(im for im, (_, e) in zip(images, runs) if e <= c)) for c in cuts]
+        candidates.append(list(zip(cuts, keys)))
+        for key in keys:
+            seen[key] = seen.get(key, 0) + 1
+    if first != len(features):  # not one run per image (a video): no sharing
+        return None
+    chosen = [max([ck for ck in row if seen[ck[1]] > 1] or row, key=lambda ck: ck[0]) for row in candidates]
+    group, owners, cuts = {}, [], []
+    for row, (cut, key) in enumerate(chosen):
+        if key not in group:
+            group[key] = len(owners)
+            owners.append(row)
+        cuts.append(cut)
+    if len(owners) == len(ids):
+        return None
+    return cuts, [group[key] for _, key in chosen], owners
+
+
+def _image_runs(types):
+    """(start, end) of each run of image tokens (mm_token_type_ids 1) in one row."""
+    runs, start = [], None
+    for t, kind in enumerate(types + [0]):
+        if kind == 1 and start is None:
+            start = t
+        elif kind != 1 and start is not None:
+            runs.append((start, t))
+            start = None
+    return runs
+
+
+def _continues_from_cache(model):
+    """Whether a forward can continue from another forward's KV cache with explicit positions and padding
+    inside the cache, as shared_prefix_logits does: attention layers only (Qwen3.5's linear-attention layers
+    keep a recurrent state instead), an attention whose masks take padding anywhere (sdpa, eager), and no
+    gradient checkpointing (a checkpointed layer drops the cache)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return (not family_of(inner).recurrent and not inner.is_activation_checkpointing
+            and inner.config._attn_implementation in ("sdpa", "eager")
+            and hasattr(getattr(inner, "model", None), "get_rope_index"))
+
+
+def shared_prefix_logits(model, batch, features, keep, cuts, group_of, owners):
+    """The logits at `keep` (token_logprobs) in two forwards: each group's prefix once (its first row's first
+    `cut` tokens), then every row's rest on its group's KV cache. Positions are the full rows' (multimodal RoPE
+    counts an image as fewer positions than tokens), so each token is where the single forward puts it."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    device, mask = batch["input_ids"].device, batch["attention_mask"]
+    if batch.get("image_grid_thw") is not None:
+        positions, _ = inner.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                                  image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
+    else:
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    lengths = mask.sum(1).tolist()
+    image_of = []  # each image's row and span, in the order of `features`
+    for row, types in enumerate(batch["mm_token_type_ids"].tolist()):
+        image_of += [(row, span) for span in _image_runs(types[:lengths[row]])]
+
+    def part(rows, spans, in_part):
+        """A padded batch of the given (row, start, end) pieces, and the images whose tokens they hold."""
+        width = max(end - start for start, end in spans)
+        ids = torch.full((len(rows), width), 0, dtype=batch["input_ids"].dtype, device=device)
+        types = torch.zeros_like(ids)
+        att = torch.zeros_like(ids)
+        pos = torch.zeros((positions.shape[0], len(rows), width), dtype=positions.dtype, device=device)
+        for i, (row, (start, end)) in enumerate(zip(rows, spans)):
+            ids[i, :end - start] = batch["input_ids"][row, start:end]
+            types[i, :end - start] = batch["mm_token_type_ids"][row, start:end]
+            att[i, :end - start] = 1
+            pos[:, i, :end - start] = positions[:, row, start:end]
+        shown = [k for k, (row, span) in enumerate(image_of) if in_part(row, span)]
+        vision = {"image_grid_thw": batch["image_grid_thw"][shown] if shown else None}
+        if shown:
+            vision["mm_encoder_outputs"] = {"image": _encoder_outputs(features[k] for k in shown)}
+        return ids, types, att, pos, vision
+
+    is_owner = set(owners)
+    ids, types, att, pos, vision = part(owners, [(0, cuts[r]) for r in owners],
+                                        lambda row, span: row in is_owner and span[1] <= cuts[row])
+    cache = model(input_ids=ids, attention_mask=att, position_ids=pos, mm_token_type_ids=types, use_cache=True,
+                  logits_to_keep=torch.zeros_like(att, dtype=torch.bool), **vision).past_key_values
+    cache.batch_select_indices(torch.tensor(group_of, device=device))
+    rows = list(range(len(cuts)))
+    prefix_att = att[group_of]
+    ids, types, att, pos, vision = part(rows, [(cuts[r], lengths[r]) for r in rows],
+                                        lambda row, span: span[0] >= cuts[row])
+    rest_keep = torch.zeros_like(att, dtype=torch.bool)
+    for r in rows:
+        rest_keep[r, :lengths[r] - cuts[r]] = keep[r, cuts[r]:lengths[r]]
+    return model(input_ids=ids, attention_mask=torch.cat([prefix_att, att], 1), position_ids=pos,
+                 mm_token_type_ids=types, past_key_values=cache, use_cache=True, logits_to_keep=rest_keep,
+                 **vision).logits
 
 
 def _encoder_outputs(features):

@@ -178,6 +178,75 @@ def test_precomputed_image_features_generate_the_same(loaded, toy, family):
     assert with_features == with_pixels and with_pixels[:3] == with_pixels[3:]
 
 
+def rollout_batch(toy, processor, features_of):
+    """GRPO's focus sequences and a DPO pair as the stages build them, without pixels: for each of two prompts,
+    three box completions of its one encoded prompt and three answers on different crops of its image, then a
+    chosen and a rejected answer on one crop; and the features of each row's images, each image encoded once."""
+    root = str(toy / "data")
+    rows, features = [], []
+    for i, rec in enumerate(records(toy)[:2]):
+        image = common.load_image(rec, root)
+        full = features_of([image])[0]
+        enc = common.encode(processor, Example(rec, None, common.focus_messages(rec["question"])), [image],
+                            pixels=False)
+        for k, box in enumerate([[0, 0, 100, 90], [40, 30, 200, 160], [10, 60, 90, 150]]):
+            rows.append(common.extend_turn(None, enc, common.response_ids(
+                processor, common.box_to_text(box, "viscot", 224, 168, 2) + " " * k)))
+            features.append([full])
+            crop = common.crop_box(box, 224, 168, 28)
+            crop_image = image.crop(tuple(crop))
+            ex = Example(rec, None, common.answer_messages(rec["question"]), crop=crop)
+            answer = common.encode(processor, ex, [image, crop_image], pixels=False)
+            rows.append(common.extend_turn(None, answer, common.response_ids(processor, ["red", "a square"][i])))
+            features.append([full, features_of([crop_image])[0]])
+    crop_features = features[-1][1]
+    for response in ("blue", "a much longer answer"):
+        rows.append(common.extend_turn(None, answer, common.response_ids(processor, response)))
+        features.append([full, crop_features])
+    return common.collate(rows, processor.tokenizer.pad_token_id), [f for per_row in features for f in per_row]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefixes_give_the_single_forwards_logprobs_and_gradients(toy, family, attn, monkeypatch):
+    """Sequences that open with the same prompt and image run it once (common.prefix_groups): the log-probs
+    and every parameter's gradient equal the single forward's in float64; the box completions of a prompt
+    share its whole prompt, its answers the part before their crops, the DPO pair everything but the answer.
+    Qwen3.5 (linear-attention layers) keeps the single forward."""
+    path = str(toy / family)
+    model, processor = common.load_model(path, dtype=torch.float64, attn=attn), common.load_processor(path)
+    batch, features = rollout_batch(toy, processor, lambda ims: common.vision_features(model, processor, ims))
+    groups = common.prefix_groups(model, batch, features)
+    if family == "qwen3.5":
+        assert groups is None
+        return
+    cuts, group_of, owners = groups
+    # 2 prompts x (box, answer) x 3, then the pair, which shares its crop with the last answer before it
+    assert group_of == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 4, 4, 4] and owners == [0, 1, 6, 7, 11]
+    before_answer = [int((batch["labels"][r] != IGNORE_INDEX).nonzero()[0]) - 1 for r in range(len(cuts))]
+    crop_start = int((batch["mm_token_type_ids"][1] == 1).nonzero()[-1]) + 1 - int(features[2].embeds.shape[0])
+    assert cuts[0] == before_answer[0] and cuts[11] == before_answer[11]  # the whole prompt
+    assert cuts[1] == crop_start  # the answers of one prompt: up to their crops
+
+    def logps_and_grads():  # the vision tower's gradients too: its features are computed anew each time
+        model.zero_grad()
+        batch, features = rollout_batch(toy, processor, lambda ims: common.vision_features(model, processor, ims))
+        logp, mask = common.token_logprobs(model, batch, temperature=0.7, features=features)
+        (logp * torch.linspace(-1, 2, logp.shape[0], dtype=logp.dtype)[:, None]).sum().backward()
+        return logp.detach(), mask, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared = logps_and_grads()
+    monkeypatch.setattr(common, "prefix_groups", lambda *args: None)
+    single = logps_and_grads()
+    # transformers' eager attention takes its softmax in float32 even for a float64 model, and the shared
+    # prefix's gradient sums its rows before that softmax's backward, the single forward after: the two are
+    # float32 rounding apart
+    torch.testing.assert_close(shared[0], single[0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(shared[1], single[1]) and shared[2].keys() == single[2].keys()
+    for name, grad in single[2].items():
+        torch.testing.assert_close(shared[2][name], grad, rtol=0, atol=1e-6 * float(grad.abs().max()), msg=name)
+
+
 def test_two_image_processor_files_exist(toy):
     assert os.path.exists(toy / "qwen2-vl" / "preprocessor_config.json")
 
