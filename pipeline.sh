@@ -99,9 +99,9 @@ online_rl() {
     #    default, without which seed 0's box steps drifted into text after the box); both steps' tokens are
     #    trained. 8 box-free questions x 4 rollouts per step: the gain grows with the number of steps (60 steps of
     #    8 x 8 moved nothing, 300 gained 4.6 to 11.5 points in four worlds: README), and 4 rollouts a step buy 300
-    #    steps in about 7 minutes for the whole run (8 would take about 11). lr 3e-4: at 5e-4 with 4 rollouts one
-    #    world of four lost its box format (-4.6 points). KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box
-    #    format).
+    #    steps in about 6 minutes for the whole run (8 would take about 7.5, over 15 on the slowest machine).
+    #    lr 3e-4: at 5e-4 with 4 rollouts one world of four lost its box format (-4.6 points), with 8 another
+    #    world's boxes slid off their objects. KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 3e-4 \
         --warmup_ratio 0.05 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 4 \
