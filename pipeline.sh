@@ -13,7 +13,7 @@ SEED=${SEED:-0}
 PY=${PYTHON:-python}
 WORLD=$OUT/world
 DATA=$WORLD/data
-RL_STEPS=${RL_STEPS:-300}  # optimizer steps of GRPO, of DPO stages 1 + 2 together, and of each control
+RL_STEPS=${RL_STEPS:-300}  # optimizer steps of GRPO (two per batch of rollouts), of DPO stages 1 + 2 together, and of each control
 rm -rf "$OUT"  # the run owns OUT: start clean, never resume a previous run's outputs
 T0=$SECONDS
 
@@ -58,7 +58,7 @@ stage "SFT" $PY sft.py --model "$WORLD/qwen2-vl" --data "$DATA/train.jsonl" --ou
     --finetune full --lr 2e-3 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2 --seed "$SEED"
 
 # 3-5 run in two lanes of about the same length: VisRL's offline branch (pairs, DPO) and one control next to
-# GRPO and the other control.
+# GRPO and the other control (whose evaluations follow, side by side).
 EVAL="$PY eval.py --protocol chain --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
 # The controls: SFT continued on its own data for as many optimizer steps as each RL stage takes, at DPO's learning
 # rate (5e-4) and at half of it, near GRPO's (3e-4). What the RL rows gain over both is not more training on SFT's
@@ -91,36 +91,38 @@ offline_rl() {
     stage "eval: DPO stage 1" $EVAL --model "$OUT/rl1/final" --label "DPO stage 1" --out "$OUT/eval/rl1.json"
     stage "control: SFT continued" $PY sft.py $control --lr 5e-4 --output_dir "$OUT/control"
     stage "eval: control" $EVAL --model "$OUT/control/final" --label control --out "$OUT/eval/control.json"
+    stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"
 }
 
 online_rl() {
     # 5. Online GRPO, VisRL's chain as one rollout (--task focus): the SFT model samples a box, answers on its
     #    crop, and the answer alone is the reward (exact match; 0 when the box step does not end: grpo.py's
     #    default, without which seed 0's box steps drifted into text after the box); both steps' tokens are
-    #    trained. 8 box-free questions x 4 rollouts per step: the gain grows with the number of steps (60 steps of
-    #    8 x 8 moved nothing, 300 gained 4.6 to 11.5 points in four worlds: README), and 4 rollouts a step buy 300
-    #    steps in about 6 minutes for the whole run (8 would take about 7.5, over 15 on the slowest machine).
-    #    lr 3e-4: at 5e-4 with 4 rollouts one world of four lost its box format (-4.6 points), with 8 another
-    #    world's boxes slid off their objects. KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    #    trained. 8 box-free questions x 8 rollouts per step, each batch used for two updates (--num_iterations 2,
+    #    PPO's clipped ratio on the second): half the RL steps of rollouts, as many optimizer steps as the other
+    #    stages. The gain grows with the updates and the rollouts (60 steps of 8 x 8 moved nothing; 300 of 8 x 4,
+    #    one update each, gained 1.4 to 5.7 points in four worlds, these 150 x 8 x 2 gained 3.6 to 7.0 in a minute
+    #    more: README). lr 3e-4 (at 5e-4 one world of four lost its box format, another's boxes slid off their
+    #    objects); KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 3e-4 \
-        --warmup_ratio 0.05 --beta 0.2 --max_steps $RL_STEPS --batch_size 8 --num_generations 4 \
-        --max_new_tokens 32 --seed "$SEED"
+        --warmup_ratio 0.05 --beta 0.2 --max_steps $((RL_STEPS / 2)) --num_iterations 2 --batch_size 8 \
+        --num_generations 8 --max_new_tokens 32 --seed "$SEED"
 
     stage "control at half the rate" $PY sft.py $control --lr 2.5e-4 --output_dir "$OUT/control_half"
-    stage "eval: control at half the rate" $EVAL --model "$OUT/control_half/final" --label "control (half lr)" \
-        --out "$OUT/eval/control_half.json"
 }
 lanes offline_rl online_rl
 
-# 6. DPO stage 2 and GRPO on the 2000 held-out questions: the two-step chain, greedy (eval.py runs infer.py's code).
-eval_rl2() {
-    stage "eval: DPO stage 2" $EVAL --model "$OUT/rl2/final" --label "DPO stage 2" --out "$OUT/eval/rl2.json"
-}
+# 6. GRPO and the half-rate control on the 2000 held-out questions: the two-step chain, greedy (eval.py runs
+#    infer.py's code), side by side once the longer lane is done.
 eval_grpo() {
     stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"
 }
-lanes eval_rl2 eval_grpo
+eval_control_half() {
+    stage "eval: control at half the rate" $EVAL --model "$OUT/control_half/final" --label "control (half lr)" \
+        --out "$OUT/eval/control_half.json"
+}
+lanes eval_grpo eval_control_half
 
 # 7. One table, and each RL row's paired difference (same questions) from its start, SFT and both controls.
 printf '\nThe two-step chain on %s held-out questions (box_acc: IoU > 0.5 with the annotated box; answer_score: exact match);\n' \

@@ -20,7 +20,8 @@ def sft(learning_sft):
 
 def grpo_run(world, sft, out, steps):
     """GRPO on the focus chain as pipeline.sh (box-free questions, KL weight 0.2) but at lr 5e-4 with 16 prompts
-    x 8 rollouts a step for 20 steps, where pipeline.sh takes lr 3e-4 and 8 x 4 for 300."""
+    x 8 rollouts a step for 20 steps, one update each, where pipeline.sh takes lr 3e-4 and 150 steps of 8 x 8 with
+    two updates each."""
     grpo.main(["--task", "focus", "--model", str(sft / "final"), "--data", str(world / "data" / "questions.jsonl"),
                "--image_root", str(world / "data"), "--output_dir", str(out), "--rule_metric", "exact",
                "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
