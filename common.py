@@ -1229,25 +1229,26 @@ def _continues_from_cache(model):
     inside the cache, as shared_prefix_logits does: attention layers only (Qwen3.5's linear-attention layers
     keep a recurrent state instead), an attention whose masks take padding anywhere (sdpa, eager), and no
     gradient checkpointing (a checkpointed layer drops the cache)."""
-    inner = getattr(model, "module", model)  # a DeepSpeed engine's model
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    inner = _base_model(model)
     return (not family_of(inner).recurrent and not inner.is_activation_checkpointing
             and inner.config._attn_implementation in ("sdpa", "eager")
             and hasattr(getattr(inner, "model", None), "get_rope_index"))
+
+
+def _base_model(model):
+    """The transformers model under a DeepSpeed engine and a PEFT wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def shared_prefix_logits(model, batch, features, keep, cuts, group_of, owners):
     """The logits at `keep` (token_logprobs) in two forwards: each group's prefix once (its first row's first
     `cut` tokens), then every row's rest on its group's KV cache. Positions are the full rows' (multimodal RoPE
     counts an image as fewer positions than tokens), so each token is where the single forward puts it."""
-    inner = getattr(model, "module", model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     device, mask = batch["input_ids"].device, batch["attention_mask"]
-    if batch.get("image_grid_thw") is not None:
-        positions, _ = inner.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-                                                  image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-    else:
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1)
+    positions, _ = _base_model(model).model.get_rope_index(  # prefix_groups shares only batches with images
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch["image_grid_thw"],
+        attention_mask=mask)
     lengths = mask.sum(1).tolist()
     image_of = []  # each image's row and span, in the order of `features`
     for row, types in enumerate(batch["mm_token_type_ids"].tolist()):
@@ -1319,7 +1320,7 @@ def vision_features(model, processor, images):
         return []
     unique = list({id(im): im for im in images}.values())
     pixels = processor.image_processor(images=unique, return_tensors="pt")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base_model(model)
     dtype = next(base.parameters()).dtype
     out = base.get_image_features(pixels["pixel_values"].to(base.device, dtype),
                                   pixels["image_grid_thw"].to(base.device), return_dict=True)

@@ -212,7 +212,7 @@ def test_shared_prefixes_give_the_single_forwards_logprobs_and_gradients(toy, fa
     """Sequences that open with the same prompt and image run it once (common.prefix_groups): the log-probs
     and every parameter's gradient equal the single forward's in float64; the box completions of a prompt
     share its whole prompt, its answers the part before their crops, the DPO pair everything but the answer.
-    Qwen3.5 (linear-attention layers) keeps the single forward."""
+    Qwen3.5 (linear-attention layers) and gradient checkpointing keep the single forward."""
     path = str(toy / family)
     model, processor = common.load_model(path, dtype=torch.float64, attn=attn), common.load_processor(path)
     batch, features = rollout_batch(toy, processor, lambda ims: common.vision_features(model, processor, ims))
@@ -221,6 +221,9 @@ def test_shared_prefixes_give_the_single_forwards_logprobs_and_gradients(toy, fa
         assert groups is None
         return
     cuts, group_of, owners = groups
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert common.prefix_groups(model, batch, features) is None  # a checkpointed layer drops the cache
+    model.gradient_checkpointing_disable()
     # 2 prompts x (box, answer) x 3, then the pair, which shares its crop with the last answer before it
     assert group_of == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 4, 4, 4] and owners == [0, 1, 6, 7, 11]
     before_answer = [int((batch["labels"][r] != IGNORE_INDEX).nonzero()[0]) - 1 for r in range(len(cuts))]
