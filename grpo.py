@@ -529,6 +529,14 @@ def sequence_logps(model, module, processor, seqs, temperature, device, reuse_fe
     return common.token_logprobs(model, batch, temperature, features=features)
 
 
+def dropout_active(model):
+    """Whether a training-mode forward differs from the sampling policy's: dropout layers (LoRA's among them) or
+    attention dropout in the config."""
+    configs = [model.config] + [getattr(model.config, k, None) for k in ("text_config", "vision_config")]
+    return (any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+            or any((getattr(c, "attention_dropout", 0) or 0) > 0 for c in configs if c is not None))
+
+
 def token_weights(seq_rollout, mask, aggregation, n_rollouts, n_tokens, max_tokens):
     """The weight of each sequence's tokens in the step loss, so that summing weight * per-token loss over
     every micro-batch and rank gives the chosen aggregation. seq_rollout: for each sequence, its rollout's
@@ -644,6 +652,7 @@ def main(argv=None):
     model = common.load_for_training(args, ckpt)
     trainable, total = common.count_params(model)
     reuse_features = not any(p.requires_grad for n, p in model.named_parameters() if common.is_vision_param(n))
+    separate_old = dropout_active(model)
     model = rt.setup(model, total_steps * args.num_iterations)
     module = rt.module
     args.merge_for_generation = args.merge_for_generation and args.finetune == "lora"
@@ -694,10 +703,11 @@ def main(argv=None):
             mb["seq_rollout"] = torch.tensor([k for k, r in enumerate(mb["rollouts"]) for _ in r["seqs"]])
             mb["keep"] = torch.tensor([not (args.mask_truncated and not all(s["stopped"] for s in r["seqs"]))
                                        for r in mb["rollouts"] for _ in r["seqs"]])
-        # Old log-probs (only when a batch is reused) and reference log-probs, once per generation.
+        # Reference log-probs, once per generation; old log-probs (the ratio's denominator when a batch is reused)
+        # from the first update's own forward, the weights not moved yet, unless dropout makes it random.
         for mb in micro:
             with torch.no_grad(), rt.autocast():
-                if args.num_iterations > 1:
+                if args.num_iterations > 1 and separate_old:
                     mb["old"], _ = sequence_logps(module, module, processor, mb["seqs"], args.temperature, rt.device,
                                                   reuse_features)
                 if args.beta:
@@ -722,10 +732,10 @@ def main(argv=None):
                 with rt.no_sync(m == args.grad_accum - 1), rt.autocast():
                     logp, mask = sequence_logps(model, module, processor, mb["seqs"], args.temperature, rt.device,
                                                 reuse_features)
+                    old = mb.setdefault("old", logp.detach())
                     mask = mask & mb["keep"].to(mask.device)[:, None]
                     seq_rollout = mb["seq_rollout"].to(logp.device)
                     weights = token_weights(seq_rollout, mask, args.loss_aggregation, n_rollouts, n_tokens, max_tokens)
-                    old = mb["old"] if args.num_iterations > 1 else logp.detach()
                     loss, stats = grpo_loss(logp, old, mb.get("ref"), mb["adv"].to(logp.device)[seq_rollout], mask,
                                             weights, args.beta, args.epsilon, args.epsilon_high)
                     rt.backward(loss)

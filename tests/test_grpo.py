@@ -442,6 +442,33 @@ def test_script_trains_logs_and_resumes_exactly(toy, tmp_path, monkeypatch):
     assert common.read_jsonl(str(tmp_path / "resumed" / "samples.jsonl")) == samples
 
 
+def test_reused_batches_take_old_logprobs_from_the_first_update(toy, tmp_path, monkeypatch):
+    """With two updates per batch the first update's forward gives the old log-probs: the same steps as with the
+    separate forward that dropout needs (weights not yet moved, so the two differ by rounding only)."""
+    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
+    extra = ("--rewards", "length", "--max_steps", "3", "--num_iterations", "2", "--beta", "0.1")
+    grpo.main(grpo_args(toy, tmp_path / "reused", *extra))
+    monkeypatch.setattr(grpo, "dropout_active", lambda model: True)
+    grpo.main(grpo_args(toy, tmp_path / "separate", *extra))
+    reused, separate = metric_rows(tmp_path / "reused"), metric_rows(tmp_path / "separate")
+    assert sum(r["clip_fraction"] for r in reused) > 0  # the second updates' ratios move off 1
+    for a, b in zip(reused, separate):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_dropout_active_sees_lora_and_attention_dropout(toy):
+    model = common.load_model(str(toy / "qwen2-vl"))
+    assert not grpo.dropout_active(model)
+    model.config.text_config.attention_dropout = 0.1
+    assert grpo.dropout_active(model)
+    model.config.text_config.attention_dropout = 0.0
+    for lora_dropout, active in (("0", False), ("0.05", True)):
+        args = grpo.parse_args(["--model", str(toy / "qwen2-vl"), "--data", "x", "--output_dir", "y", "--finetune",
+                                "lora", "--lora_dropout", lora_dropout])
+        lora = common.prepare_for_training(common.load_model(str(toy / "qwen2-vl")), args)
+        assert grpo.dropout_active(lora) == active
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed-zero3"])
 def test_launchers(toy, tmp_path, launcher):
     """Two CPU ranks: data parallel, and ZeRO-3 (partitioned weights; generation with every rank in step)."""
