@@ -60,9 +60,9 @@ stage "SFT" $PY sft.py --model "$WORLD/qwen2-vl" --data "$DATA/train.jsonl" --ou
 # 3-5 run in two lanes of about the same length: VisRL's offline branch (pairs, DPO) and one control next to
 # GRPO and the other control (whose evaluations follow, side by side).
 EVAL="$PY eval.py --protocol chain --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
-# The controls: SFT continued on its own data for as many optimizer steps as each RL stage takes, at DPO's learning
-# rate (5e-4) and at half of it, near GRPO's (3e-4). What the RL rows gain over both is not more training on SFT's
-# data.
+# The controls: SFT continued on its own data for as many optimizer steps as each RL stage takes, at the RL stages'
+# learning rate (5e-4) and at half of it (at the full rate continued SFT can lose what SFT had). What the RL rows
+# gain over both is not more training on SFT's data.
 control="--model $OUT/sft/final --data $DATA/train.jsonl --image_root $DATA --finetune full --warmup_ratio 0.05
          --max_steps $RL_STEPS --batch_size 8 --box_decimals 2 --seed $SEED"
 offline_rl() {
@@ -101,11 +101,12 @@ online_rl() {
     #    trained. 8 box-free questions x 8 rollouts per step, each batch used for two updates (--num_iterations 2,
     #    PPO's clipped ratio on the second): half the RL steps of rollouts, as many optimizer steps as the other
     #    stages. The gain grows with the updates and the rollouts (60 steps of 8 x 8 moved nothing; 300 of 8 x 4,
-    #    one update each, gained 1.4 to 5.7 points in four worlds, these 150 x 8 x 2 gained 3.6 to 7.0 in a minute
-    #    more: README). lr 3e-4 (at 5e-4 one world of four lost its box format, another's boxes slid off their
-    #    objects); KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    #    one update each, gained 1.4 to 5.7 points in four worlds, these 150 x 8 x 2 at lr 3e-4 3.6 to 7.0 in a
+    #    minute more, and at 5e-4 on another machine 2.3 to 14.1: README). lr 5e-4, the DPO stages' and the
+    #    control's (with one update per batch, at 5e-4 one world of four lost its box format, another's boxes slid
+    #    off their objects: README); KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
-        --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 3e-4 \
+        --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
         --warmup_ratio 0.05 --beta 0.2 --max_steps $((RL_STEPS / 2)) --num_iterations 2 --batch_size 8 \
         --num_generations 8 --max_new_tokens 32 --seed "$SEED"
 
