@@ -57,8 +57,9 @@ stage "toy world" $PY tools/make_toy.py --out "$WORLD" --seed "$SEED" --n_test 2
 stage "SFT" $PY sft.py --model "$WORLD/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft" \
     --finetune full --lr 2e-3 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2 --seed "$SEED"
 
-# 3-5 run in two lanes of about the same length: VisRL's offline branch (pairs, DPO) and one control next to
-# GRPO and the other control (whose evaluations follow, side by side).
+# 3-5 run in two lanes of about the same length, each stage's evaluation on the 2000 held-out questions (the
+# two-step chain, greedy: eval.py runs infer.py's code) in its lane: VisRL's offline branch (pairs, DPO) and one
+# control next to GRPO and the other control.
 EVAL="$PY eval.py --protocol chain --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
 # The controls: SFT continued on its own data for as many optimizer steps as each RL stage takes, at the RL stages'
 # learning rate (5e-4) and at half of it (at the full rate continued SFT can lose what SFT had). What the RL rows
@@ -110,22 +111,14 @@ online_rl() {
         --warmup_ratio 0.05 --beta 0.2 --max_steps $((RL_STEPS / 2)) --num_iterations 2 --batch_size 8 \
         --num_generations 8 --max_new_tokens 32 --seed "$SEED"
 
-    stage "control at half the rate" $PY sft.py $control --lr 2.5e-4 --output_dir "$OUT/control_half"
-}
-lanes offline_rl online_rl
-
-# 6. GRPO and the half-rate control on the 2000 held-out questions: the two-step chain, greedy (eval.py runs
-#    infer.py's code), side by side once the longer lane is done.
-eval_grpo() {
     stage "eval: GRPO" $EVAL --model "$OUT/grpo/final" --label "GRPO (focus)" --out "$OUT/eval/grpo.json"
-}
-eval_control_half() {
+    stage "control at half the rate" $PY sft.py $control --lr 2.5e-4 --output_dir "$OUT/control_half"
     stage "eval: control at half the rate" $EVAL --model "$OUT/control_half/final" --label "control (half lr)" \
         --out "$OUT/eval/control_half.json"
 }
-lanes eval_grpo eval_control_half
+lanes offline_rl online_rl
 
-# 7. One table, and each RL row's paired difference (same questions) from its start, SFT and both controls.
+# 6. One table, and each RL row's paired difference (same questions) from its start, SFT and both controls.
 printf '\nThe two-step chain on %s held-out questions (box_acc: IoU > 0.5 with the annotated box; answer_score: exact match);\n' \
     "$(wc -l < "$DATA/test.jsonl")"
 printf 'paired differences: mean per-question difference ± its standard error. Whole run: %d s (logs: %s).\n\n' \
