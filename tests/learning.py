@@ -14,7 +14,7 @@ from tools import policy_gain
 # must not lower it, and the flipped run must. The greedy answers' gain is not the measure: over 20 steps it moved
 # from -0.034 to +0.058 between machines and seeds (README "Learning tests"), while the update's direction on
 # held-out questions did not.
-GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.0 to 13.2, flipped -1.8 to +5.7
+GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.0 to 10.6, flipped -1.8 to +1.4
 # The sampled reward must not fall by more than NO_LOSS_T standard errors (measured over two worlds and two sampling
 # seeds: focus +0.0 to +2.8, zoom +6.5 to +10.1), and the flipped run's must fall by more than LOSS_T (focus -4.3 to
 # -15.4, zoom -3.9 to -6.7).
@@ -40,10 +40,8 @@ def measure(probe, model_dir, reward_n, name):
 def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n, tmp_path, monkeypatch, name):
     """A GRPO run (run(out, steps) -> the trained model's directory) and the same run broken, each advantage's
     sign flipped (lower reward, higher weight), measured on the probe's held-out questions: the run's policy gain
-    clears GRPO_T standard errors and its sampled reward does not fall; the broken run misses that bar because its
-    sampled reward falls. Its policy gain is printed, not asserted: on an AMD EPYC the flipped zoom run lowered
-    every held-out rollout's log-probability, the worse ones more, and the first-order measure read that as +5.7 SE
-    while its sampled reward fell 4.7 SE (README "Learning tests")."""
+    clears GRPO_T standard errors and its sampled reward does not fall; the broken run's gain does not clear the
+    bar and its sampled reward falls."""
     (gain, se), (reward, reward_se) = measure(probe, run(tmp_path / "grpo", steps), reward_n, f"GRPO ({name})")
     original = grpo.group_advantages
 
@@ -54,5 +52,5 @@ def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n
     monkeypatch.setattr(grpo, "group_advantages", flipped)
     (broken, broken_se), (broken_reward, broken_reward_se) = measure(
         probe, run(tmp_path / "flipped", flipped_steps), reward_n, "flipped advantage")
-    assert gain >= GRPO_T * se and reward >= -NO_LOSS_T * reward_se
-    assert broken_reward <= -LOSS_T * broken_reward_se
+    assert gain >= GRPO_T * se and broken < GRPO_T * broken_se
+    assert reward >= -NO_LOSS_T * reward_se and broken_reward <= -LOSS_T * broken_reward_se

@@ -1,6 +1,6 @@
 """Learning, GRPO on VisRL's chain (--task focus) from the learning tests' SFT run (conftest's learning_sft), on
-box-free questions: the held-out measures of tests/learning.py must clear their bar and the same run with the
-advantage flipped must miss it (README "Learning tests")."""
+box-free questions: the held-out policy gain of tests/learning.py must clear its bar and the same run with the
+advantage flipped must not (README "Learning tests")."""
 import pytest
 from conftest import LEARNING_SEED as SEED
 from learning import check_with_and_against_the_reward, held_out_probe
@@ -19,9 +19,9 @@ def sft(learning_sft):
 
 
 def grpo_run(world, sft, out, steps):
-    """GRPO on the focus chain as pipeline.sh (box-free questions, KL weight 0.2) but at lr 5e-4 with 16 prompts
-    x 8 rollouts a step for 20 steps, one update each, where pipeline.sh takes lr 3e-4 and 150 steps of 8 x 8 with
-    two updates each."""
+    """GRPO on the focus chain as pipeline.sh (box-free questions, lr 5e-4, KL weight 0.2) but with 16 prompts x 8
+    rollouts a step for 20 steps, one update each, where pipeline.sh takes 150 steps of 8 x 8 with two updates
+    each."""
     grpo.main(["--task", "focus", "--model", str(sft / "final"), "--data", str(world / "data" / "questions.jsonl"),
                "--image_root", str(world / "data"), "--output_dir", str(out), "--rule_metric", "exact",
                "--finetune", "full", "--lr", "5e-4", "--warmup_ratio", "0.15", "--beta", "0.2", "--max_steps",
@@ -36,7 +36,7 @@ def test_grpo_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_
     held-out questions (512) the update raises the rollouts that answered better than their group against the
     worse ones, beyond noise (a no-op gives exactly 0 and fails), and its own sampled answers (256 questions) do
     not score lower than the start's; the same run with the advantage's sign flipped (lower reward, higher
-    weight), 5 steps, misses the bar: its sampled answers score lower."""
+    weight), 5 steps, misses the first bar and its sampled answers score lower."""
     probe = held_out_probe(world, sft / "final", 512, "--task", "focus")
     check_with_and_against_the_reward(lambda out, steps: grpo_run(world, sft, out, steps), probe, 20, 5, 256,
                                       tmp_path, monkeypatch, "focus")

@@ -1,6 +1,6 @@
 """Learning, multi-turn zoom: a zoom cold start from the learning tests' SFT run (conftest's learning_sft), then
-GRPO --task zoom on box-free questions; the held-out measures of tests/learning.py must clear their bar and the
-same run with the advantage flipped must miss it (README "Multi-turn zoom", "Learning tests")."""
+GRPO --task zoom on box-free questions; the held-out policy gain of tests/learning.py must clear its bar and the
+same run with the advantage flipped must not (README "Multi-turn zoom", "Learning tests")."""
 import os
 import sys
 
