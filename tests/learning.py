@@ -8,17 +8,21 @@ from tools import policy_gain
 
 # The GRPO claims are measured on held-out questions in two ways (tools/policy_gain.py). The policy gain: the start
 # model samples 8 rollouts of each of n held-out questions, and a trained model's change of each rollout's
-# log-probability is weighted by its group advantage; it shows the update's direction (first order), and must
-# clear its bar where the same run with the advantage flipped does not. The sampled reward: the trained model
-# samples 8 rollouts of each of the first questions itself, against the start's on the same questions; the run
-# must not lower it, and the flipped run must. The greedy answers' gain is not the measure: over 20 steps it moved
-# from -0.034 to +0.058 between machines and seeds (README "Learning tests"), while the update's direction on
-# held-out questions did not.
-GRPO_T = 3.0  # the gain must clear 0 by this many standard errors: measured 4.0 to 10.6, flipped -1.8 to +1.4
-# The sampled reward must not fall by more than NO_LOSS_T standard errors (measured over two worlds and two sampling
-# seeds: focus +0.0 to +2.8, zoom +6.5 to +10.1), and the flipped run's must fall by more than LOSS_T (focus -4.3 to
-# -15.4, zoom -3.9 to -6.7).
-NO_LOSS_T, LOSS_T = 2.0, 3.0
+# log-probability is weighted by its group advantage; it shows that the update moved the policy on questions it
+# never saw, in the reward's direction to first order (a no-op scores exactly 0). The sampled reward: the trained
+# model samples 8 rollouts of each of the first questions itself, paired per question with the start's; it sees
+# where the probability went. A claim asks both: the policy gain clears GRPO_T standard errors, and the sampled
+# reward does not fall by more than NO_LOSS_T (focus: in 20 steps the run does not clearly raise it) or rises by
+# GRPO_T (zoom). The broken run (advantage flipped) misses the claim by its sampled reward, which must fall by
+# more than LOSS_T. Its policy gain is printed, not asserted: it is no detector of a run against the reward. A
+# flipped run puts the mass on one bad mode, which lowers the start's scattered bad replies more than its good
+# ones, read as a preference for the good ones: on the AMD EPYC the flipped zoom run scored +5.7 SE (seed 0;
+# its sampled reward -4.7 SE) and the flipped focus run +9.9 SE (seed 1; -6.2 SE) (README "Learning tests").
+# The greedy answers' gain is not a measure: over 20 steps it moved from -0.034 to +0.058 between machines and
+# seeds (README "Learning tests").
+GRPO_T = 3.0  # measured: policy gain focus 4.0 to 10.6, zoom 5.7 to 13.2; zoom sampled reward +6.5 to +10.6
+NO_LOSS_T = 2.0  # the focus run's sampled reward, two worlds, two machines: -0.3 to +3.2
+LOSS_T = 3.0  # the flipped runs' sampled reward: focus -4.3 to -23.6, zoom -3.9 to -6.7
 
 
 def held_out_probe(world, start, n, *flags):
@@ -37,11 +41,12 @@ def measure(probe, model_dir, reward_n, name):
     return (gain, se), (change, change_se)
 
 
-def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n, tmp_path, monkeypatch, name):
+def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n, tmp_path, monkeypatch, name,
+                                      reward_bar):
     """A GRPO run (run(out, steps) -> the trained model's directory) and the same run broken, each advantage's
     sign flipped (lower reward, higher weight), measured on the probe's held-out questions: the run's policy gain
-    clears GRPO_T standard errors and its sampled reward does not fall; the broken run's gain does not clear the
-    bar and its sampled reward falls."""
+    clears GRPO_T standard errors and its sampled reward's change reward_bar (-NO_LOSS_T: no worse; GRPO_T:
+    better); the broken run's sampled reward falls by more than LOSS_T standard errors."""
     (gain, se), (reward, reward_se) = measure(probe, run(tmp_path / "grpo", steps), reward_n, f"GRPO ({name})")
     original = grpo.group_advantages
 
@@ -50,7 +55,7 @@ def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n
         return -adv, flat
 
     monkeypatch.setattr(grpo, "group_advantages", flipped)
-    (broken, broken_se), (broken_reward, broken_reward_se) = measure(
-        probe, run(tmp_path / "flipped", flipped_steps), reward_n, "flipped advantage")
-    assert gain >= GRPO_T * se and broken < GRPO_T * broken_se
-    assert reward >= -NO_LOSS_T * reward_se and broken_reward <= -LOSS_T * broken_reward_se
+    _, (broken_reward, broken_reward_se) = measure(probe, run(tmp_path / "flipped", flipped_steps), reward_n,
+                                                   "flipped advantage")
+    assert gain >= GRPO_T * se and reward >= reward_bar * reward_se
+    assert broken_reward <= -LOSS_T * broken_reward_se

@@ -1,9 +1,9 @@
 """Learning, GRPO on VisRL's chain (--task focus) from the learning tests' SFT run (conftest's learning_sft), on
-box-free questions: the held-out policy gain of tests/learning.py must clear its bar and the same run with the
-advantage flipped must not (README "Learning tests")."""
+box-free questions: the held-out policy gain of tests/learning.py must clear its bar and the sampled answers must
+not score lower, and the same run with the advantage flipped must score lower (README "Learning tests")."""
 import pytest
 from conftest import LEARNING_SEED as SEED
-from learning import check_with_and_against_the_reward, held_out_probe
+from learning import NO_LOSS_T, check_with_and_against_the_reward, held_out_probe
 
 import grpo
 
@@ -36,7 +36,7 @@ def test_grpo_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_
     held-out questions (512) the update raises the rollouts that answered better than their group against the
     worse ones, beyond noise (a no-op gives exactly 0 and fails), and its own sampled answers (256 questions) do
     not score lower than the start's; the same run with the advantage's sign flipped (lower reward, higher
-    weight), 5 steps, misses the first bar and its sampled answers score lower."""
+    weight), 5 steps, scores lower on its sampled answers."""
     probe = held_out_probe(world, sft / "final", 512, "--task", "focus")
     check_with_and_against_the_reward(lambda out, steps: grpo_run(world, sft, out, steps), probe, 20, 5, 256,
-                                      tmp_path, monkeypatch, "focus")
+                                      tmp_path, monkeypatch, "focus", reward_bar=-NO_LOSS_T)

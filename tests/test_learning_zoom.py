@@ -1,12 +1,13 @@
 """Learning, multi-turn zoom: a zoom cold start from the learning tests' SFT run (conftest's learning_sft), then
-GRPO --task zoom on box-free questions; the held-out policy gain of tests/learning.py must clear its bar and the
-same run with the advantage flipped must not (README "Multi-turn zoom", "Learning tests")."""
+GRPO --task zoom on box-free questions; its held-out policy gain and sampled reward (tests/learning.py) must clear
+their bar, and the same run with the advantage flipped must lower the sampled reward (README "Multi-turn zoom",
+"Learning tests")."""
 import os
 import sys
 
 import pytest
 from conftest import LEARNING_SEED as SEED, ROOT, run_script
-from learning import check_with_and_against_the_reward, held_out_probe
+from learning import GRPO_T, check_with_and_against_the_reward, held_out_probe
 
 import common
 import grpo
@@ -53,8 +54,9 @@ def zoom_grpo_run(world, zoom_sft, out, steps):
 
 def test_grpo_zoom_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_does_not(world, zoom_sft, tmp_path,
                                                                                                monkeypatch):
-    """Multi-turn zoom, 20 steps, the same claims on the zoom loop's rollouts (with their rewards: answer and
-    tool bonus), 128 held-out questions for both measures; flipped, 3 steps."""
+    """Multi-turn zoom, 20 steps, on the zoom loop's rollouts (with their rewards: answer and tool bonus), 128
+    held-out questions for both measures: the policy gain clears its bar and the sampled reward rises by as many
+    standard errors; flipped, 3 steps, the sampled reward falls."""
     probe = held_out_probe(world, zoom_sft, 128, "--task", "zoom", "--rewards", "answer,zoom_tool", *ZOOM_FLAGS)
     check_with_and_against_the_reward(lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps), probe, 20, 3, 128,
-                                      tmp_path, monkeypatch, "zoom")
+                                      tmp_path, monkeypatch, "zoom", reward_bar=GRPO_T)

@@ -6,16 +6,18 @@ trained) is weighted by its advantage. The gain is the mean of that product
 over the questions whose group has a reward spread (each question: the mean over its G rollouts), with its
 standard error over those questions. To first order it is the change in the expected reward on those questions
 (the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
-against the worse ones; a no-op gives 0, an update against the reward a negative number.
+against the worse ones; a no-op gives 0, a small update against the reward a negative number.
 
 First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update
 that lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the
 start never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued)
-included, and DPO stage 2 highest while its sampled reward fell 6.8 points (README, "The toy world"). So a gain
-is evidence of direction next to a counterpart (the same run with the advantage flipped; a control), and
---reward_n adds the direct measure: each model samples G rollouts of the first N questions itself and its mean
-reward is compared with the start's, per question (paired; the probe's seed, so an unchanged model draws the
-start's very rollouts and scores exactly 0).
+included, and DPO stage 2 highest while its sampled reward fell 6.8 points (README, "The toy world"). It is not
+even a sure detector of a run against the reward: a zoom GRPO run with the advantage flipped put the mass on one
+bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while its own
+samples' reward fell 4.7 SE (README "Learning tests"). So a gain is evidence of direction next to a counterpart
+(the same run with the advantage flipped; a control), and --reward_n adds the direct measure: each model samples
+G rollouts of the first N questions itself and its mean reward is compared with the start's, per question
+(paired; the probe's seed, so an unchanged model draws the start's very rollouts and scores exactly 0).
 
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
         --questions runs/toy/world/data/test.jsonl --n 96
