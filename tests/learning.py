@@ -12,17 +12,16 @@ from tools import policy_gain
 # never saw, in the reward's direction to first order (a no-op scores exactly 0). The sampled reward: the trained
 # model samples 8 rollouts of each of the first questions itself, paired per question with the start's; it sees
 # where the probability went. A claim asks both: the policy gain clears GRPO_T standard errors, and the sampled
-# reward does not fall by more than NO_LOSS_T (focus: in 20 steps the run does not clearly raise it) or rises by
-# GRPO_T (zoom). The broken run (advantage flipped) misses the claim by its sampled reward, which must fall by
-# more than LOSS_T. Its policy gain is printed, not asserted: it is no detector of a run against the reward. A
-# flipped run puts the mass on one bad mode, which lowers the start's scattered bad replies more than its good
-# ones, read as a preference for the good ones: on the AMD EPYC the flipped zoom run scored +5.7 SE (seed 0;
-# its sampled reward -4.7 SE) and the flipped focus run +9.9 SE (seed 1; -6.2 SE) (README "Learning tests").
-# The greedy answers' gain is not a measure: over 20 steps it moved from -0.034 to +0.058 between machines and
-# seeds (README "Learning tests").
-GRPO_T = 3.0  # measured: policy gain focus 4.0 to 10.6, zoom 5.7 to 13.2; zoom sampled reward +6.5 to +10.6
-NO_LOSS_T = 2.0  # the focus run's sampled reward, two worlds, two machines: -0.3 to +3.2
-LOSS_T = 3.0  # the flipped runs' sampled reward: focus -4.3 to -23.6, zoom -3.9 to -6.7
+# reward does not fall by more than NO_LOSS_T (focus: in 20 steps the run does not clearly raise it) or does not
+# fall at all (zoom). The broken run (advantage flipped) misses the claim by its sampled reward, which must fall
+# by more than LOSS_T. Its policy gain is printed, not asserted: it is no detector of a run against the reward. A
+# flipped run collapses onto one bad reply, which lowers the start's other bad replies more than its good ones,
+# read as a preference for the good ones: on the AMD EPYC flipped runs scored up to +9.9 SE (focus) and +11.6 SE
+# (zoom) while their sampled reward fell (README "Learning tests"). The greedy answers' gain is not a measure:
+# over 20 steps it moved from -0.034 to +0.058 between machines and seeds (README "Learning tests").
+GRPO_T = 3.0  # measured: policy gain focus 4.0 to 10.6, zoom 5.7 to 13.2
+NO_LOSS_T = 2.0  # the focus run's sampled reward, two worlds, two machines: -0.3 to +3.2 SE (zoom: +2.4 to +10.6)
+LOSS_T = 3.0  # the flipped runs' sampled reward: focus -4.3 to -23.6 SE, zoom -3.5 to -7.6
 
 
 def held_out_probe(world, start, n, *flags):
@@ -45,8 +44,8 @@ def check_with_and_against_the_reward(run, probe, steps, flipped_steps, reward_n
                                       reward_bar):
     """A GRPO run (run(out, steps) -> the trained model's directory) and the same run broken, each advantage's
     sign flipped (lower reward, higher weight), measured on the probe's held-out questions: the run's policy gain
-    clears GRPO_T standard errors and its sampled reward's change reward_bar (-NO_LOSS_T: no worse; GRPO_T:
-    better); the broken run's sampled reward falls by more than LOSS_T standard errors."""
+    clears GRPO_T standard errors and its sampled reward's change reward_bar standard errors (-NO_LOSS_T: no
+    worse by more than noise; 0: no worse); the broken run's sampled reward falls by more than LOSS_T."""
     (gain, se), (reward, reward_se) = measure(probe, run(tmp_path / "grpo", steps), reward_n, f"GRPO ({name})")
     original = grpo.group_advantages
 
