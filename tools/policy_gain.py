@@ -14,9 +14,9 @@ start never samples: on pipeline.sh's models every trained model scored positive
 included, and DPO stage 2 highest while its sampled reward fell 6.8 points (README, "The toy world"). It is not
 even a sure detector of a run against the reward: a zoom GRPO run with the advantage flipped put the mass on one
 bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while its own
-samples' reward fell 4.7 SE (README "Learning tests"). So a gain is evidence of direction next to a counterpart
-(the same run with the advantage flipped; a control), and --reward_n adds the direct measure: each model samples
-G rollouts of the first N questions itself and its mean reward is compared with the start's, per question
+samples' reward fell 4.7 SE (README "Learning tests"). So a gain says that the update moved the policy on
+held-out questions (a no-op cannot score), not that it helped, and --reward_n adds the direct measure: each model
+samples G rollouts of the first N questions itself and its mean reward is compared with the start's, per question
 (paired; the probe's seed, so an unchanged model draws the start's very rollouts and scores exactly 0).
 
     python tools/policy_gain.py --start runs/toy/sft/final --trained runs/toy/grpo/final \\
