@@ -89,9 +89,11 @@ def build(args, work):
         config.text_config.intermediate_size = 4 * args.lm_width
         config.text_config.num_attention_heads, config.text_config.num_key_value_heads = args.lm_width // 32, 2
     torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_config(config)
-    if arch != "toy":
-        model = model.to(torch.bfloat16)  # what a real checkpoint holds (and half the bytes to write)
+    if arch != "toy":  # bf16 as a real checkpoint holds it, initialised on the GPU where there is one (minutes on CPU)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+    else:
+        model = AutoModelForImageTextToText.from_config(config)
     model.save_pretrained(model_dir)
     for name in os.listdir(toy_model):
         if not name.endswith((".safetensors", "config.json")) or name == "preprocessor_config.json":

@@ -22,6 +22,11 @@ import common  # noqa: E402
 import grpo  # noqa: E402
 
 
+def sync(device):
+    if device.type == "cuda":  # kernels run asynchronously: time them finished
+        torch.cuda.synchronize()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -31,12 +36,16 @@ def main():
     p.add_argument("--num_generations", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="the shared cache needs sdpa or eager")
     a = p.parse_args()
     root = a.image_root or os.path.dirname(os.path.abspath(a.data))
     args = grpo.parse_args(["--task", "focus", "--model", a.model, "--data", a.data, "--output_dir", "unused",
                             "--max_new_tokens", "32"])
     torch.manual_seed(a.seed)
-    model, processor = common.load_model(a.model), common.load_processor(a.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = common.load_model(a.model, common.resolve_dtype(a.dtype), a.attn).to(device)
+    processor = common.load_processor(a.model)
     chunk = grpo.read_prompts(a.data, root, "focus")[:a.prompts]
     model.eval()
     rollouts = grpo.rollout(model, processor, chunk, grpo.load_images(chunk, root), args, a.num_generations, True)
@@ -57,9 +66,11 @@ def main():
             times = []
             for k in range(a.repeats + 1):
                 model.zero_grad()
+                sync(device)
                 t = time.perf_counter()
                 logp, mask = grpo.sequence_logps(model, model, processor, seqs, 1.0, model.device, True)
                 (logp * mask).sum().backward()
+                sync(device)
                 times.append(time.perf_counter() - t)
             return logp.detach(), statistics.median(times[1:])
         finally:
@@ -67,7 +78,8 @@ def main():
 
     (shared, t_shared), (whole, t_whole) = run(True), run(False)
     print(f"{a.prompts} prompts x {a.num_generations}: {len(seqs)} sequences in {len(owners)} prefix groups, "
-          f"{torch.get_num_threads()} threads")
+          f"{a.dtype}, {a.attn}, " + (torch.cuda.get_device_name() if device.type == "cuda" else
+                                      f"{torch.get_num_threads()} CPU threads"))
     print("| side | tokens run | log-probs + backward, s |\n|---|---|---|")
     print(f"| each sequence whole | {tokens['whole']} | {t_whole:.3f} |")
     print(f"| shared prefixes | {tokens['shared']} | {t_shared:.3f} |")
