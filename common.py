@@ -306,8 +306,9 @@ def box_to_text(box, fmt, w, h, decimals=3, resized_hw=None):
     return "[" + ", ".join(f"{v:.{decimals}f}" for v in vals) + "]"
 
 
-def parse_box(text, fmt, w, h, resized_hw=None):
-    """Model text -> pixel box clamped to the image, or None. Never raises."""
+def parse_box(text, fmt, w, h, resized_hw=None, clamp=True):
+    """Model text -> pixel box clamped to the image (clamp=False: as written, to check an annotation), or None.
+    Never raises."""
     try:
         if not isinstance(text, str):
             return None
@@ -334,7 +335,9 @@ def parse_box(text, fmt, w, h, resized_hw=None):
         else:
             rh, rw = resized_hw
             box = [v[0] * w / rw, v[1] * h / rh, v[2] * w / rw, v[3] * h / rh]
-        box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+        if clamp:
+            box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w),
+                   min(max(box[3], 0.0), h)]
         if box[2] <= box[0] or box[3] <= box[1]:
             return None
         return box
@@ -712,6 +715,10 @@ LM_ONLY_TARGETS = r".*language_model.*\.(q|k|v|o|gate|up|down)_proj"
 LM_HYBRID_TARGETS = r".*language_model.*\.((q|k|v|o|gate|up|down)_proj|linear_attn\.(in_proj_\w+|out_proj))"
 
 
+# The special tokens that frame or stand for vision input in the Qwen chat templates (all four families).
+QWEN_VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
 class Family(NamedTuple):
     """What differs between model families, in one place: a stage asks this table, never `if family == ...`."""
     processor: str      # the transformers processor class (saved files name it; the CPU fallback builds it)
@@ -719,14 +726,17 @@ class Family(NamedTuple):
     deepstack: bool     # intermediate vision layers feed the language model (VisionFeatures carries them)
     lora_targets: str   # the language model's linear layers, LoRA's default targets
     recurrent: bool     # linear-attention layers keep recurrent and convolution state instead of a KV cache
+    vision_tokens: tuple  # special tokens of vision input: text (a response, a call, a request) may not hold them
 
 
 FAMILIES = {  # by config.model_type
-    "qwen2_vl": Family("Qwen2VLProcessor", "qwen2", False, LM_ONLY_TARGETS, False),
-    "qwen2_5_vl": Family("Qwen2_5_VLProcessor", "qwen25", False, LM_ONLY_TARGETS, False),
-    "qwen3_vl": Family("Qwen3VLProcessor", "qwen3", True, LM_ONLY_TARGETS, False),
-    "qwen3_5": Family("Qwen3VLProcessor", "qwen3", False, LM_HYBRID_TARGETS, True),
+    "qwen2_vl": Family("Qwen2VLProcessor", "qwen2", False, LM_ONLY_TARGETS, False, QWEN_VISION_TOKENS),
+    "qwen2_5_vl": Family("Qwen2_5_VLProcessor", "qwen25", False, LM_ONLY_TARGETS, False, QWEN_VISION_TOKENS),
+    "qwen3_vl": Family("Qwen3VLProcessor", "qwen3", True, LM_ONLY_TARGETS, False, QWEN_VISION_TOKENS),
+    "qwen3_5": Family("Qwen3VLProcessor", "qwen3", False, LM_HYBRID_TARGETS, True, QWEN_VISION_TOKENS),
 }
+# Any family's: text is checked before a model is known (records, requests), so against every family's tokens.
+VISION_TOKENS = tuple(dict.fromkeys(t for family in FAMILIES.values() for t in family.vision_tokens))
 
 
 def resolve_box_format(args):
@@ -962,9 +972,6 @@ def count_params(model):
 
 
 # --------------------------------------------------------------------------------- examples and batches
-
-VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
-
 
 class Example:
     """One chat turn to train on or generate from: images (each a record image, optionally cropped), the
@@ -1952,6 +1959,25 @@ def claim_output_dir(args):
         for name in earlier:
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def claim_output_file(path, flag, inputs, overwrite, companions=()):
+    """Make an output file that a stage writes whole at its end (filter_pairs' pairs, eval's report) this run's
+    own before any work: neither it nor a companion written beside it is one of the run's inputs (writing it
+    would destroy the input), an existing one is replaced only with `overwrite`, and a lock (PATH.lock) refuses
+    a second run on it while this one lives."""
+    for out in (path, *companions):
+        for given in inputs:
+            if os.path.abspath(given) == os.path.abspath(out) or (
+                    os.path.exists(given) and os.path.exists(out) and os.path.samefile(given, out)):
+                raise DataError(f"{flag} {path}: {out} is also an input of this run: writing it would destroy the "
+                                "input")
+    if os.path.isdir(path):
+        raise DataError(f"{flag} {path}: a directory, not a file")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    hold_lock(path + ".lock", f"{flag} {path}")
+    if os.path.exists(path) and not overwrite:
+        raise DataError(f"{flag} {path} exists: --overwrite replaces it, or write elsewhere")
 
 
 def prune_checkpoints(out_dir, keep):

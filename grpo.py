@@ -377,6 +377,21 @@ def read_prompts(path, image_root, task):
     return prompts
 
 
+def check_solution_boxes(prompts, box_format):
+    """A grounding record without `bbox` has its ground truth in `solution`, in the run's box format: it must
+    hold a box inside its image (the rewards would clamp a box past the edge into another region, and score an
+    unparsable one 0 for every rollout, without a word)."""
+    for p in prompts:
+        rec = p["rec"]
+        if rec.get("bbox") is None:
+            where = f"record {rec['id']!r}: solution {rec['solution']!r}"
+            box = common.parse_box(common.extract_answer(rec["solution"]), box_format, rec["width"], rec["height"],
+                                   rec.get("resized_hw"), clamp=False)
+            if box is None:
+                raise common.DataError(f"{where} holds no {box_format} box (--box_format)")
+            common.check_box(box, f"{where}: its box", rec["width"], rec["height"])
+
+
 def first_messages(prompt, task, prompt_set):
     """The prompt of a rollout's first (for focus: box) step."""
     if task == "zoom":
@@ -571,15 +586,18 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, weights, beta, epsilon
 
 # ------------------------------------------------------------------------------------------------ loop
 
-def zoom_sums(rollouts, rewards, max_turns):
+def zoom_sums(rollouts, rewards, answer_rewards, max_turns):
     """Zoom rollouts' counts, summed over this rank (zoom_metrics turns them into means): turns, zoom calls,
     rollouts whose last allowed turn was still a call (max_turns_hit) or ended at a call for want of context
-    (context_hit), and the reward by the number of turns taken."""
+    (context_hit), and the total reward and the answer reward (None: `answer` not among --rewards) by the
+    number of turns taken: the answer's alone says whether looking again paid, without the tool bonus."""
     sums = {key: float(sum(r[key] for r in rollouts)) for key in ("turns", "max_turns_hit", "context_hit")}
     sums["zoom_calls"] = float(sum(r["calls"] for r in rollouts))
     for t in range(1, max_turns + 1):
-        took = [v for r, v in zip(rollouts, rewards) if r["turns"] == t]
-        sums[f"turns_{t}/rollouts"], sums[f"turns_{t}/reward"] = float(len(took)), float(sum(took))
+        took = [k for k, r in enumerate(rollouts) if r["turns"] == t]
+        sums[f"turns_{t}/rollouts"], sums[f"turns_{t}/reward"] = float(len(took)), float(sum(rewards[k] for k in took))
+        if answer_rewards is not None:
+            sums[f"turns_{t}/answer_reward"] = float(sum(answer_rewards[k] for k in took))
     return sums
 
 
@@ -589,8 +607,10 @@ def zoom_metrics(total, max_turns):
     for t in range(1, max_turns + 1):
         took = total[f"turns_{t}/rollouts"]
         out[f"share_turns_{t}"] = took / n
-        if took:  # the mean reward of the rollouts that took t turns (none: no entry)
+        if took:  # the mean rewards of the rollouts that took t turns (none: no entry)
             out[f"reward_turns_{t}"] = total[f"turns_{t}/reward"] / took
+            if f"turns_{t}/answer_reward" in total:
+                out[f"answer_reward_turns_{t}"] = total[f"turns_{t}/answer_reward"] / took
     return out
 
 
@@ -642,6 +662,8 @@ def main(argv=None):
     if args.box_format == "qwen25":  # its pixel frame is the processor's resized image
         for p in prompts + eval_prompts:
             p["rec"]["resized_hw"] = common.smart_resize_hw(processor, p["rec"]["width"], p["rec"]["height"])
+    if args.task == "grounding":
+        check_solution_boxes(prompts + eval_prompts, args.box_format)
     G = args.num_generations
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(prompts), args, rt.world, "prompts")
 
@@ -755,7 +777,9 @@ def main(argv=None):
             local["unparsable_box"] = float(sum(r["box"] is None for mb in micro for r in mb["rollouts"]))
         if args.task == "zoom":
             local.update(zoom_sums([r for mb in micro for r in mb["rollouts"]],
-                                   [v for mb in micro for v in mb["reward"]], args.max_turns))
+                                   [v for mb in micro for v in mb["reward"]],
+                                   [v for mb in micro for v in mb["per_fn"]["answer"]] if "answer" in args.rewards
+                                   else None, args.max_turns))
         for name in args.rewards:
             values = [v for mb in micro for v in mb["per_fn"][name]]
             local[f"rewards/{name}"], local[f"rewards/{name}/sq"] = sum(values), sum(v * v for v in values)

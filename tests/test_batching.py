@@ -51,6 +51,15 @@ def test_processor_and_model_families(loaded):
         assert bool(features.deepstack) == entry.deepstack
         layer_types = getattr(model.config.text_config, "layer_types", None) or []
         assert ("linear_attention" in layer_types) == entry.recurrent
+        # The table's vision tokens are the family's tokenizer's special tokens, one id each, the image one among them.
+        tok = processor.tokenizer
+        ids = tok.convert_tokens_to_ids(list(entry.vision_tokens))
+        assert tok.unk_token_id not in ids and len(set(ids)) == len(ids)
+        assert all(tok(t, add_special_tokens=False)["input_ids"] == [i] for t, i in zip(entry.vision_tokens, ids))
+        assert processor.image_token in entry.vision_tokens and set(entry.vision_tokens) <= set(common.VISION_TOKENS)
+        # Qwen3-VL and Qwen3.5 interleave M-RoPE's sections (transformers' mrope_interleaved); Qwen2/2.5-VL do not.
+        rope = model.config.text_config.rope_parameters or {}
+        assert bool(rope.get("mrope_interleaved")) == (family in ("qwen3-vl", "qwen3.5")), rope
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -121,7 +121,7 @@ def detection_prompts(data, path):
     return path
 
 
-@pytest.mark.parametrize("task", ["focus", "grounding", "classification", "detection"])
+@pytest.mark.parametrize("task", ["focus", "grounding", "classification", "detection", "zoom"])
 def test_grpo(chain, run, task):
     family, out, data = chain
     prompts = detection_prompts(data, out / "detection.jsonl") if task == "detection" else data / "train.jsonl"
@@ -129,10 +129,13 @@ def test_grpo(chain, run, task):
             out / f"grpo-{task}", "--task", task, "--box_format", "qwen3", "--max_steps", "2", "--batch_size", "2",
             "--num_generations", "4", "--max_new_tokens", "40", "--lr", "1e-4", "--finetune", "full",
             "--rewards", {"focus": "answer", "grounding": "grounding_iou", "classification": "format,cls",
-                          "detection": "format,det_iou,det_confidence"}[task])
+                          "detection": "format,det_iou,det_confidence", "zoom": "answer,zoom_tool"}[task],
+            *(("--max_turns", "2") if task == "zoom" else ()))
     assert p.rc == 0, p.stderr[-3000:]
     rows = metrics(out / f"grpo-{task}")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
+    if task == "zoom":  # the multi-turn loop ran (a model not taught to zoom may answer at once: turns >= 1)
+        assert all(1 <= r["turns"] <= 2 and r["share_turns_1"] + r["share_turns_2"] == pytest.approx(1) for r in rows)
 
 
 def test_infer_chain_and_eval(chain, run):

@@ -182,6 +182,31 @@ def test_parser_and_match_flags():
         ev.parse_args(["--protocol", "virft-det", "--match", "exact"] + base)  # not silently ignored
 
 
+@pytest.mark.parametrize("protocol,flags,named", [
+    ("virft-det", [], "Visual-RFT's published script"), ("virft-det", ["--parser", "strict"], "strict ("),
+    ("virft-cls", [], "Visual-RFT's published rule"), ("virft-cls", ["--match", "exact"], "exact (")])
+def test_the_report_names_the_rule_it_scored_by(tmp_path, protocol, flags, named):
+    """A number read from a report says which rule made it: the published one by default, the strict one
+    when asked (and then it says it is not comparable with published numbers)."""
+    if protocol == "virft-det":
+        questions = tmp_path / "q.json"
+        questions.write_text(json.dumps({"images": [{"id": 1, "width": W, "height": H}], "categories": [
+            {"id": 1, "name": "a"}], "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 50, 50],
+                                                      "area": 2500, "iscrowd": 0}]}))
+        preds = [{"image_id": 1, "category_id": 1, "text": f"<answer>[{item([0, 0, 100, 100], 0.9)}]</answer>"}]
+    else:
+        questions = tmp_path / "q.jsonl"
+        common.write_jsonl(str(questions), [{"id": "a", "image": "a.png", "problem": "what?",
+                                             "solution": "<answer>cat</answer>"}])
+        preds = [{"id": "a", "text": "<answer>cat</answer>"}]
+    common.write_jsonl(str(tmp_path / "p.jsonl"), preds)
+    ev.main(["--protocol", protocol, "--questions", str(questions), "--predictions", str(tmp_path / "p.jsonl"),
+             "--out", str(tmp_path / "r.json"), *flags])
+    settings = json.loads((tmp_path / "r.json").read_text())["settings"]
+    rule = settings["parser" if protocol == "virft-det" else "match"]
+    assert named in rule and ("not comparable with published numbers" in rule) == bool(flags)
+
+
 # ------------------------------------------------------------------------------ detection (rewards)
 # Published accuracy_reward_iou / _confidence: the completion's first <answer>(.*?)</answer> (no DOTALL) or
 # the whole completion, .strip(), wrapped, then '[['->'[', ']]'->']', '\n'->'' (no ', ...'); extract_bbox as

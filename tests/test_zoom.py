@@ -220,8 +220,26 @@ def test_max_context_ends_a_conversation_at_the_call_that_would_outgrow_it(toy, 
             else:
                 assert (a["text"], a["turns"]) == (b["text"], b["turns"])
         assert any(r["calls"] for r in cut) == (max_context == budget)
-    metrics = grpo.zoom_metrics(dict(grpo.zoom_sums(cut, [0.0] * len(cut), 3), rollouts=len(cut)), 3)
+    metrics = grpo.zoom_metrics(dict(grpo.zoom_sums(cut, [0.0] * len(cut), None, 3), rollouts=len(cut)), 3)
     assert metrics["context_hit"] == sum(r["context_hit"] for r in cut) / len(cut) > 0
+
+
+def test_zoom_metrics_split_rewards_by_turns_taken():
+    """Turn shares, and the total and the answer reward of the rollouts that took t turns, by hand: the tool
+    bonus counts in the total only, so the answer's column says whether looking again paid."""
+    took = [1, 2, 2, 3, 2]
+    rollouts = [{"turns": t, "calls": t - 1, "max_turns_hit": t == 3, "context_hit": False} for t in took]
+    answer, total = [1.0, 0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 1.5, 1.5, 1.5]
+    sums = grpo.zoom_sums(rollouts, total, answer, 4)
+    m = grpo.zoom_metrics({**sums, "rollouts": 5.0}, 4)
+    assert m["turns"] == pytest.approx(2.0) and m["zoom_calls"] == pytest.approx(1.0)
+    assert m["max_turns_hit"] == pytest.approx(0.2)
+    assert [m[f"share_turns_{t}"] for t in (1, 2, 3, 4)] == pytest.approx([0.2, 0.6, 0.2, 0.0])
+    assert [m[f"answer_reward_turns_{t}"] for t in (1, 2, 3)] == pytest.approx([1.0, 2 / 3, 1.0])
+    assert [m[f"reward_turns_{t}"] for t in (1, 2, 3)] == pytest.approx([1.0, 1.0, 1.5])
+    assert "reward_turns_4" not in m and "answer_reward_turns_4" not in m
+    m = grpo.zoom_metrics({**grpo.zoom_sums(rollouts, total, None, 4), "rollouts": 5.0}, 4)
+    assert "answer_reward_turns_2" not in m and m["reward_turns_2"] == pytest.approx(1.0)
 
 
 def test_grpo_zoom_script_logs_turns_and_resumes_exactly_after_a_kill(run, toy, zoom_sft, tmp_path):
@@ -242,6 +260,10 @@ def test_grpo_zoom_script_logs_turns_and_resumes_exactly_after_a_kill(run, toy, 
     for r in rows:
         assert 1 <= r["turns"] <= 3 and r["zoom_calls"] == pytest.approx(r["turns"] - 1)
         assert sum(r[f"share_turns_{t}"] for t in (1, 2, 3)) == pytest.approx(1.0)
+        for t in (1, 2, 3):  # a turn count some rollout took has its answer reward, one none took has no entry
+            assert (f"answer_reward_turns_{t}" in r) == (r[f"share_turns_{t}"] > 0)
+            assert 0.0 <= r.get(f"answer_reward_turns_{t}", 0.0) <= r.get(f"reward_turns_{t}", 0.0) + 1e-9
+        assert 0.0 <= r["invalid"] <= 1.0
         assert all(math.isfinite(r[key]) for key in ("loss", "kl", "entropy", "grad_norm"))
     assert any(r["zoom_calls"] > 0 for r in rows) and rows[-1]["kl"] > 0
     samples = common.read_jsonl(str(tmp_path / "straight" / "samples.jsonl"))

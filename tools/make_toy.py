@@ -241,7 +241,7 @@ def main():
                              "the answer is) or the target's")
     parser.add_argument("--distractors", default="named", choices=["named", "unnamed"],
                         help="the distractors' shapes: those the questions ask about, or others (cross, ring)")
-    parser.add_argument("--families", default="qwen2-vl,qwen2.5-vl",
+    parser.add_argument("--families", "--family", default="qwen2-vl,qwen2.5-vl",
                         help=f"tiny models to build, comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
     args = parser.parse_args()
