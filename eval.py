@@ -774,6 +774,9 @@ def fmt(v):
 
 def main(argv=None):
     args = parse_args(argv)
+    items_path = os.path.splitext(args.out)[0] + ".items.jsonl"
+    common.claim_output_file(args.out, "--out", [*args.questions, *(args.predictions or [])], overwrite=True,
+                             companions=[items_path])  # a re-score rewrites the report; an input is never written over
     judge = Judge(args) if args.protocol in ("viscot-answer", "chain", "zoom") else None
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
     per_dataset, settings, items = {}, {}, []
@@ -793,7 +796,7 @@ def main(argv=None):
             run_model(model, processor, args, args.protocol, questions, qpath, ppath)
         else:
             ppath = args.predictions[i]
-        preds = common.read_jsonl(ppath)
+        preds = common.read_jsonl(ppath) if args.model else [row for _, row in common.input_rows(ppath, "predictions")]
         scorer = {"viscot-det": score_viscot_det, "virft-det": score_virft_det, "virft-cls": score_virft_cls,
                   "grounding": score_grounding}.get(args.protocol)
         if scorer:
@@ -810,11 +813,10 @@ def main(argv=None):
         settings["parser"] = RULE_NAMES[args.parser]
     report = {"protocol": args.protocol, "label": label, **mean, "datasets": per_dataset, "mean": mean,
               "settings": settings}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".tmp", "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)  # NaN is not JSON: a NaN here is a bug, not a score
     os.replace(args.out + ".tmp", args.out)
-    common.write_jsonl(os.path.splitext(args.out)[0] + ".items.jsonl", items)
+    common.write_jsonl(items_path, items)
 
     cols = COLUMNS[args.protocol]
     print(f"\n{args.protocol}: {label}" + "".join(f"; {k}: {v}" for k, v in report["settings"].items()))

@@ -32,6 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--box_low", type=common.FRACTION, default=0.2,
                         help="the rejected candidate's s_B at most this")
     parser.add_argument("--grpo_out", default=None, help="also write GRPO prompt records (Visual-RFT style)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing --out/--grpo_out files")
     return parser.parse_args(argv)
 
 
@@ -91,6 +92,11 @@ def pair_row(q, chosen, rejected):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.grpo_out and os.path.abspath(args.grpo_out) == os.path.abspath(args.out):
+        raise common.DataError(f"--grpo_out {args.grpo_out} is --out too: give each its own file")
+    for flag, path in (("--out", args.out), ("--grpo_out", args.grpo_out)):
+        if path:
+            common.claim_output_file(path, flag, args.candidates, args.overwrite)
     questions, seen = [], {}
     for path in args.candidates:
         for lineno, q in common.input_rows(path, "questions"):
@@ -105,7 +111,6 @@ def main(argv=None):
             dropped[rule] += 1
         else:
             pairs.append(pair_row(q, *pair))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     common.write_jsonl(args.out, pairs)
     if args.grpo_out:
         common.write_jsonl(args.grpo_out, [{"id": q["id"], "image": q["image"], "problem": q["question"],

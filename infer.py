@@ -492,6 +492,9 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     records = common.read_records(args.data, need_answer=False) if args.data else None
+    for rec in records if args.mode == "gt_box" else []:  # before any model work: mid-run, a partial file is left
+        if rec.get("bbox") is None:
+            raise common.DataError(f"{args.data}: record {rec['id']!r}: --mode gt_box needs a bbox")
     common.check_model_args(args)
     common.resolve_box_format(args)
     processor = common.load_processor(args.model)

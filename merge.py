@@ -50,15 +50,29 @@ MARKER = "merge.json"  # what merge.py leaves in --out: its inputs, and the sign
 
 
 def check_out(args):
-    """--out must be new, empty, or an earlier merge.py output that --overwrite replaces."""
+    """--out must be new, empty, or an earlier merge.py output that --overwrite replaces: one holding only the
+    files its marker lists (anything added since is someone else's, and replacing --out would delete it)."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file, not a directory")
     if not os.path.isdir(args.out) or not os.listdir(args.out):
         return
-    if not os.path.exists(os.path.join(args.out, MARKER)):
-        fail(f"--out {args.out} holds files merge.py did not write; give a new or empty directory")
+    others = sorted(set(os.listdir(args.out)) - set(written_files(args.out)) - {MARKER})
+    if not os.path.exists(os.path.join(args.out, MARKER)) or others:
+        listed = f" ({', '.join(others[:4])}{', ...' if len(others) > 4 else ''})" if others else ""
+        fail(f"--out {args.out} holds files merge.py did not write{listed}; give a new or empty directory")
     if not args.overwrite:
         fail(f"--out {args.out} holds an earlier merge; --overwrite replaces it")
+
+
+def written_files(out):
+    """The files an earlier merge wrote into out, as its marker lists them (none when there is no readable
+    marker: then nothing there counts as merge.py's)."""
+    try:
+        with open(os.path.join(out, MARKER)) as f:
+            files = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in files if isinstance(name, str)]
 
 
 def check_base(args):
@@ -151,8 +165,8 @@ def main(argv=None):
         processor.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"model": args.model, "adapter": args.adapter, "dtype": str(dtype).replace("torch.", "")}, f,
-                      indent=1)
+            json.dump({"model": args.model, "adapter": args.adapter, "dtype": str(dtype).replace("torch.", ""),
+                       "files": sorted(os.listdir(tmp))}, f, indent=1)
         check_out(args)  # again: something may have appeared in --out meanwhile
         if os.path.isdir(out):
             shutil.rmtree(out)  # empty, or merge.py's own (check_out)

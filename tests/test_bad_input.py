@@ -225,6 +225,12 @@ CASES = [
                                             r"argument --num_generations: 1 is outside \[2, inf\)")),
     ("grpo-reward-weights-not-numbers", lambda W, tmp: (grpo(W, tmp / "out", None, "--reward_weights", "one"),
                                                         r"--reward_weights takes comma-separated finite numbers")),
+    ("grpo-grounding-solution-without-a-box", lambda W, tmp: (grpo(W, tmp / "out", changed(
+        W, tmp, 3, {"solution": "<answer>the red one</answer>"}, drop=["bbox"]), "--task", "grounding"),
+        r"record 'train-3': solution '<answer>the red one</answer>' holds no viscot box")),
+    ("grpo-grounding-solution-box-outside", lambda W, tmp: (grpo(W, tmp / "out", changed(
+        W, tmp, 3, {"solution": "<answer>[0.50, 0.50, 3.00, 3.00]</answer>"}, drop=["bbox"]), "--task", "grounding"),
+        r"record 'train-3': solution .*: its box \[.*\] lies outside the 224x168 image")),
     # --- self-evolution candidates and inference
     ("gen-pairs-attempts-0", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--attempts", "0"),
                                              r"argument --attempts: 0 is outside")),
@@ -236,6 +242,9 @@ CASES = [
                                            r"argument --batch_size: 0")),
     ("infer-empty-data", lambda W, tmp: (infer(W, tmp / "p.jsonl", lines_with(tmp / "bad.jsonl", [])),
                                          r"bad\.jsonl: no records")),
+    ("infer-gt-box-without-a-box", lambda W, tmp: (infer(W, tmp / "p.jsonl", changed(W, tmp, 5, {}, drop=["bbox"]),
+                                                         "--mode", "gt_box", "--batch_size", "2"),
+                                                   r"bad\.jsonl: record 'train-5': --mode gt_box needs a bbox")),
     ("infer-adapter-of-another-base", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--adapter", W.other_adapter),
                                                       r"--adapter .*other_adapter was trained on")),
     # --- pairs from candidates
@@ -254,6 +263,13 @@ CASES = [
                                                       r".*cands\.jsonl:1\)")),
     ("filter-empty-candidates", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", lines_with(tmp / "c.jsonl", [])),
                                                 r"c\.jsonl: no questions")),
+    ("filter-out-is-its-input", lambda W, tmp: (
+        filter_pairs(tmp / "c.jsonl", lines_with(tmp / "c.jsonl", common.read_jsonl(W.cands))),
+        r"--out .*c\.jsonl: .*c\.jsonl is also an input of this run: writing it would destroy the input")),
+    ("filter-out-exists", lambda W, tmp: (filter_pairs(file_at(tmp / "p.jsonl"), W.cands),
+                                          r"--out .*p\.jsonl exists: --overwrite replaces it, or write elsewhere")),
+    ("filter-grpo-out-is-out", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", W.cands) + ("--grpo_out", tmp / "p.jsonl"),
+                                               r"--grpo_out .*p\.jsonl is --out too")),
     # --- evaluation
     ("eval-chain-record-without-question", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", changed(
         W, tmp, 0, {}, drop=["question"]), W.train), r"bad\.jsonl:1: field 'question' must be a non-empty string")),
@@ -266,11 +282,18 @@ CASES = [
     ("eval-native-box-format-without-model", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                                              + ("--box_format", "native"),
                                                              r"--box_format native takes the format of --model")),
+    ("eval-empty-predictions", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train,
+                                                        lines_with(tmp / "p.jsonl", [])), r"p\.jsonl: no predictions")),
+    ("eval-out-is-the-predictions", lambda W, tmp: (evaluate(W, tmp / "p.jsonl", "chain", W.train, lines_with(
+        tmp / "p.jsonl", W.records)), r"--out .*p\.jsonl: .*p\.jsonl is also an input of this run")),
+    ("eval-items-file-is-the-questions", lambda W, tmp: (evaluate(W, tmp / "q.json", "chain", lines_with(
+        tmp / "q.items.jsonl", W.records), W.train), r"--out .*q\.json: .*q\.items\.jsonl is also an input")),
     ("eval-batch-size-0", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                           + ("--batch_size", "0"), r"argument --batch_size: 0")),
     # --- merge
     ("merge-out-holds-other-files", lambda W, tmp: (merge(W, file_at(tmp / "out" / "mine.txt").parent),
-                                                    r"--out .*out holds files merge\.py did not write; give a new or "
+                                                    r"--out .*out holds files merge\.py did not write "
+                                                    r"\(mine\.txt\); give a new or "
                                                     r"empty directory")),
     ("merge-out-is-an-earlier-merge", lambda W, tmp: (merge(W, file_at(tmp / "out" / "merge.json").parent),
                                                       r"--out .*out holds an earlier merge; --overwrite replaces it")),
@@ -343,11 +366,43 @@ def test_overwrite_replaces_only_what_a_stage_writes(run, world, tmp_path):
 
 
 def test_merge_replaces_its_own_output_with_overwrite_and_nothing_else(run, world, tmp_path):
+    """--overwrite replaces an earlier merge, and refuses one that a file was added to since (its marker lists
+    what merge.py wrote): replacing --out would delete that file."""
     out = tmp_path / "merged"
     assert run(*merge(world, out)).rc == 0
-    assert json.loads((out / "merge.json").read_text())["adapter"] == world.own_adapter
+    marker = json.loads((out / "merge.json").read_text())
+    assert marker["adapter"] == world.own_adapter and sorted(marker["files"]) == sorted(os.listdir(out))
+    (out / "notes.txt").write_text("mine")
+    p = run(*merge(world, out, "--overwrite"))
+    assert p.rc == 1 and "Traceback" not in p.stderr
+    assert re.search(r"--out .*merged holds files merge\.py did not write \(notes\.txt\)", p.stderr.splitlines()[-1])
+    assert (out / "notes.txt").read_text() == "mine" and (out / "merge.json").exists()
+    (out / "notes.txt").unlink()
     assert run(*merge(world, out, "--overwrite")).rc == 0
     assert sorted(os.listdir(tmp_path)) == ["merged"], "a temporary directory was left behind"
+
+
+@pytest.mark.parametrize("stage", ["gen_pairs", "infer"])
+def test_a_record_whose_box_or_size_disagrees_with_its_image_is_listed_and_the_rest_answered(run, world, tmp_path,
+                                                                                            stage):
+    """A box checked against the record's own width/height is refused at the start (the catalogue); one that
+    only the image file shows wrong (no width/height given, or ones the file disagrees with) is found when the
+    image loads: gen_pairs.py and infer.py then go on (a long job is not lost to one bad record), never answer
+    it, name it and why in OUT.errors.jsonl, and count it in the summary."""
+    no_size = {k: v for k, v in world.records[2].items() if k not in ("width", "height")}
+    data = lines_with(tmp_path / "bad.jsonl", [
+        dict(no_size, bbox=[200, 150, 240, 180]) if i == 2 else dict(r, width=448, height=336) if i == 5 else r
+        for i, r in enumerate(world.records)])
+    out = tmp_path / "o.jsonl"
+    command = gen_pairs(world, out, data) if stage == "gen_pairs" else infer(world, out, data, "--mode", "gt_box")
+    p = run(*command)
+    assert p.rc == 0, p.stderr[-3000:]
+    errors = {e["id"]: e["error"] for e in common.read_jsonl(str(out) + ".errors.jsonl")}
+    assert errors.keys() == {"train-2", "train-5"}
+    assert "lies outside the 224x168 image" in errors["train-2"] and "448x336 disagree" in errors["train-5"]
+    assert sorted(r["id"] for r in common.read_jsonl(str(out))) == sorted(
+        r["id"] for i, r in enumerate(world.records) if i not in (2, 5))
+    assert re.search(r"2 (image )?errors", p.stdout + p.stderr)
 
 
 def test_eval_counts_a_nan_box_as_unparsable_and_writes_valid_json(run, world, tmp_path):
