@@ -1,6 +1,6 @@
 """Learning, multi-turn zoom: a zoom cold start from the learning tests' SFT run (conftest's learning_sft), then
 GRPO --task zoom on box-free questions; its held-out policy gain (tests/learning.py) must clear its bar and its
-sampled reward must not fall, and the same run with the advantage flipped must lower the sampled reward (README
+sampled reward must rise, and the same run with the advantage flipped must lower the sampled reward (README
 "Multi-turn zoom", "Learning tests")."""
 import json
 import os
@@ -19,6 +19,8 @@ def world(learning_sft):
     return learning_sft[0]
 
 
+# The sampled reward's rise, in SE: measured +2.4 to +9.2 over three fixture seeds and two RL seeds (README).
+ZOOM_REWARD_T = 2.0
 ZOOM_FLAGS = ("--max_turns", "2", "--max_new_tokens", "48", "--rule_metric", "exact")  # one call, then answer
 
 
@@ -60,8 +62,9 @@ def zoom_grpo_run(world, zoom_sft, out, steps):
 def test_grpo_zoom_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_does_not(world, zoom_sft, tmp_path,
                                                                                                monkeypatch):
     """Multi-turn zoom, 20 steps, on the zoom loop's rollouts (with their rewards: answer and tool bonus), 128
-    held-out questions for both measures: the policy gain clears its bar and the sampled reward does not fall
-    (tests/learning.py: measured +2.4 to +9.2 SE); flipped, 3 steps, the sampled reward falls."""
+    held-out questions for both measures: the policy gain clears its bar and the sampled reward rises by
+    ZOOM_REWARD_T standard errors; flipped, 3 steps, the sampled reward falls. The answer reward alone is not
+    asserted: it rose at one seed of two in 20 steps (README "Learning tests")."""
     probe = held_out_probe(world, zoom_sft, 128, "--task", "zoom", "--rewards", "answer,zoom_tool", *ZOOM_FLAGS)
     check_with_and_against_the_reward(lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps), probe, 20, 3, 128,
-                                      tmp_path, monkeypatch, "zoom", reward_bar=0.0)
+                                      tmp_path, monkeypatch, "zoom", reward_bar=ZOOM_REWARD_T)
