@@ -268,6 +268,8 @@ CASES = [
         r"--out .*c\.jsonl: .*c\.jsonl is also an input of this run: writing it would destroy the input")),
     ("filter-out-exists", lambda W, tmp: (filter_pairs(file_at(tmp / "p.jsonl"), W.cands),
                                           r"--out .*p\.jsonl exists: --overwrite replaces it, or write elsewhere")),
+    ("filter-out-is-a-directory", lambda W, tmp: (filter_pairs(file_at(tmp / "p" / "x").parent, W.cands),
+                                                  r"--out .*p: a directory, not a file")),
     ("filter-grpo-out-is-out", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", W.cands) + ("--grpo_out", tmp / "p.jsonl"),
                                                r"--grpo_out .*p\.jsonl is --out too")),
     # --- evaluation
@@ -363,6 +365,21 @@ def test_overwrite_replaces_only_what_a_stage_writes(run, world, tmp_path):
     assert [r["step"] for r in common.read_jsonl(str(tmp_path / "out" / "metrics.jsonl"))] == [1]
     assert not (tmp_path / "out" / "checkpoint-1" / "mine").exists()
     assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+def test_file_outputs_are_replaced_only_when_asked(run, world, tmp_path):
+    """filter_pairs.py replaces an existing --out only with --overwrite; eval.py rewrites its own report (a
+    re-score of the same predictions gives the same report)."""
+    out = file_at(tmp_path / "p.jsonl")
+    p = run(*filter_pairs(out, world.cands), "--overwrite")
+    assert p.rc == 0, p.stderr[-3000:]
+    assert len(common.read_jsonl(str(out))) == len(world.records)
+    report, texts = tmp_path / "r.json", []
+    for _ in range(2):
+        p = run(*evaluate(world, report, "chain", world.train, world.train))
+        assert p.rc == 0, p.stderr[-3000:]
+        texts.append(report.read_text())
+    assert texts[0] == texts[1]
 
 
 def test_merge_replaces_its_own_output_with_overwrite_and_nothing_else(run, world, tmp_path):
