@@ -27,8 +27,9 @@ virft-det     COCO mAP (AP@[.5:.95], AP50, AP75, by area; AR) of Visual-RFT answ
               --parser virft (default): Visual-RFT's published script, quirks kept (common.virft_coco_detections);
               --parser strict: a malformed item voids the answer, swapped corners are reordered.
 virft-cls     accuracy. --match virft (default), Visual-RFT's published rule: the first single-line
-              <answer>(.*?)</answer> (none: wrong), lower case, no spaces or underscores, label and answer a
-              substring of one another (an empty answer is right: counted as empty_answer_correct);
+              <answer>(.*?)</answer> of the text and of the label (none in the text: wrong), lower case, no
+              spaces or underscores, label and answer a substring of one another (an empty answer is right:
+              counted as empty_answer_correct);
               --match exact: equal and non-empty, from <answer>...</answer> when present, else the whole text.
 grounding     one box per record: acc (IoU > 0.5), mIoU, mean gIoU, cIoU (cumulative intersection / union).
 chain         our records through the two-step chain: the box metrics of grounding plus the answer score.
@@ -574,6 +575,16 @@ def score_virft_det(gt, preds, args, paths):
 
 # ---------------------------------------------------------------------------------------- virft-cls
 
+def class_label(solution, match):
+    """The record's label. virft: as the published script reads it, the first single-line <answer> content
+    unstripped (a bare label without tags, which the published script cannot read, is taken whole); exact: our
+    extract_answer."""
+    if match == "virft":
+        found = common.virft_answer(solution)
+        return solution if found is None else found
+    return common.extract_answer(solution)
+
+
 def score_virft_cls(records, preds, args, paths):
     """Accuracy by --match: virft (Visual-RFT's published rule; no single-line <answer> match is wrong and
     counted as unparsable, and empty_answer_correct counts the verdicts its empty-answer quirk decided) or
@@ -581,7 +592,7 @@ def score_virft_cls(records, preds, args, paths):
     by_id = by_key(preds, record_id, paths[1])
     rows, counts = [], {"correct": 0, "unparsable": 0, "empty_answer_correct": 0}
     for rec in records:
-        label = common.extract_answer(rec.get("solution") or rec.get("answer") or "")
+        label = class_label(rec.get("solution") or rec.get("answer") or "", args.match)
         pred = by_id.get(record_id(rec))
         text = pred.get("text") if pred else None
         if args.match == "virft":

@@ -21,7 +21,8 @@ call leaves the score null, recorded and counted, not fatal).
 Output: one JSON line per question with every candidate, appended as each batch of questions finishes.
 A rerun with the same --out skips finished questions (a kill loses at most the batch in flight; a torn last
 line is cut off). Under torchrun/deepspeed each rank writes OUT.rank{r}.jsonl and rank 0 merges them into
-OUT when all ranks are done. A question whose image fails to load is skipped and listed in OUT.errors.jsonl.
+OUT when all ranks are done. A question whose image fails to load (or shows the record wrong) is skipped and
+listed in OUT.errors.jsonl; the others are answered, and then the run exits 1 naming the list.
 """
 import glob
 import os
@@ -323,7 +324,7 @@ def merge_shards(out, records, world, timeout=3600):
         if time.time() > deadline:
             print(f"gen_pairs.py: not all ranks finished; shards left as {out}.rank*.jsonl (rerun to finish)",
                   file=sys.stderr)
-            return
+            return 0
         time.sleep(2)
     rows = {}
     for path in [out] + shards(out):
@@ -333,8 +334,11 @@ def merge_shards(out, records, world, timeout=3600):
     errors = [e for path in shards(out, ".errors") for e in common.read_jsonl(path)]
     if errors:
         common.write_jsonl(out + ".errors.jsonl", errors)
+    elif os.path.exists(out + ".errors.jsonl"):  # an earlier run's list, retried and answered this time
+        os.remove(out + ".errors.jsonl")
     for path in glob.glob(f"{out}.rank*"):
         os.remove(path)
+    return len(errors)
 
 
 def main(argv=None):
@@ -400,15 +404,20 @@ def main(argv=None):
     elif os.path.exists(errors_path):
         os.remove(errors_path)
     dt = time.time() - t0
+    failed = len(errors)
     if world > 1:
         open(f"{args.out}.rank{rank}.done", "w").close()
-        if rank == 0:
-            merge_shards(args.out, records, world)
+        # Only rank 0 reports the merged list: a rank that exits non-zero early makes torchrun stop the others.
+        failed = merge_shards(args.out, records, world) if rank == 0 else 0
     print(f"gen_pairs.py: rank {rank}: {stats['questions']} questions, {stats['candidates']} candidates in "
           f"{dt:.1f}s ({stats['candidates'] / max(dt, 1e-9):.1f} candidates/s), {len(done)} already done, "
           f"{stats['unparsable_box']} unparsable boxes, {stats['random_box']} random boxes, {stats['dropped']} "
           f"dropped (no random box), {stats['judge_failed']} judge failures, {stats['judge_unparsable']} "
           f"unparsable judge replies, {len(errors)} image errors -> {out_path}")
+    if failed:
+        raise common.DataError(f"{failed} question(s) not answered: the image failed to load or disagrees with the "
+                               f"record (listed in {args.out}.errors.jsonl; the others are in {args.out}, and a "
+                               f"rerun retries only these)")
 
 
 if __name__ == "__main__":

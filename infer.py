@@ -10,8 +10,8 @@ whole prompt, one step, no box), gt_box (the record's annotated box is the crop;
 (multi-turn: the model answers or writes <zoom>box</zoom> and is shown that region, up to --max_turns turns;
 README "Zoom"; rows carry each call's box and view, turns and invalid_call; box is the last call's box).
 Output: one JSON line per record, appended as each batch finishes; a rerun with the same --out skips the
-records already there. Records whose image fails to load go to OUT.errors.jsonl and are retried by the
-next run.
+records already there. Records whose image fails to load go to OUT.errors.jsonl, the others are answered,
+the run exits 1 naming the list, and the next run retries them.
 
 The endpoint serves `POST /v1/chat/completions` and `GET /v1/models`. Model `<name>` is plain chat;
 `<name>-two-step` runs the chain on the conversation's one image and its last user text, and returns the
@@ -522,6 +522,10 @@ def main(argv=None):
     print(f"infer.py: {written} records answered in {dt:.1f}s ({written / max(dt, 1e-9):.2f} rec/s), "
           f"{skipped} already done, {len(errors)} image errors"
           + (f" (listed in {args.out}.errors.jsonl)" if errors else "") + f" -> {args.out}")
+    if errors:
+        raise common.DataError(f"{len(errors)} record(s) not answered: the image failed to load or disagrees with "
+                               f"the record (listed in {args.out}.errors.jsonl; the others are in {args.out}, and "
+                               f"a rerun retries only these)")
 
 
 if __name__ == "__main__":

@@ -405,7 +405,8 @@ def test_a_record_whose_box_or_size_disagrees_with_its_image_is_listed_and_the_r
     """A box checked against the record's own width/height is refused at the start (the catalogue); one that
     only the image file shows wrong (no width/height given, or ones the file disagrees with) is found when the
     image loads: gen_pairs.py and infer.py then go on (a long job is not lost to one bad record), never answer
-    it, name it and why in OUT.errors.jsonl, and count it in the summary."""
+    it, name it and why in OUT.errors.jsonl, count it in the summary, and then exit 1 with one line naming
+    the list."""
     no_size = {k: v for k, v in world.records[2].items() if k not in ("width", "height")}
     data = lines_with(tmp_path / "bad.jsonl", [
         dict(no_size, bbox=[200, 150, 240, 180]) if i == 2 else dict(r, width=448, height=336) if i == 5 else r
@@ -413,7 +414,9 @@ def test_a_record_whose_box_or_size_disagrees_with_its_image_is_listed_and_the_r
     out = tmp_path / "o.jsonl"
     command = gen_pairs(world, out, data) if stage == "gen_pairs" else infer(world, out, data, "--mode", "gt_box")
     p = run(*command)
-    assert p.rc == 0, p.stderr[-3000:]
+    assert p.rc == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert re.fullmatch(rf"{stage}\.py: error: 2 (question|record)\(s\) not answered: .*listed in "
+                        rf"{re.escape(str(out))}\.errors\.jsonl.*", p.stderr.strip().splitlines()[-1])
     errors = {e["id"]: e["error"] for e in common.read_jsonl(str(out) + ".errors.jsonl")}
     assert errors.keys() == {"train-2", "train-5"}
     assert "lies outside the 224x168 image" in errors["train-2"] and "448x336 disagree" in errors["train-5"]

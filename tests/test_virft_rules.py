@@ -50,6 +50,22 @@ def test_cls_published_verdicts(text, label, correct, unparsable, empty):
     assert "published" in settings["match"]
 
 
+# Published: the label is read the same way, re.search(r"<answer>(.*?)</answer>", solution).group(1), unstripped.
+@pytest.mark.parametrize("solution,text,correct", [
+    ("<answer>red\tfox</answer>", "<answer>red fox</answer>", False),   # a tab inside the label stays
+    ("<answer>red fox\t</answer>", "<answer>red fox</answer>", True),    # label inside the answer
+    ("<answer>red fox\t</answer>", "<answer>a red fox</answer>", False),  # the label's trailing tab stays
+    ("<answer>cat</answer> <answer>dog</answer>", "<answer>dog</answer>", False),  # the label's first match
+    ("<answer>a\nb</answer> <answer>dog</answer>", "<answer>dog</answer>", True),  # ... on one line
+    ("Red Fox", "<answer>redfox</answer>", True),                        # a bare label, taken whole
+])
+def test_cls_published_label_reading(solution, text, correct):
+    args = ev.parse_args(["--protocol", "virft-cls", "--questions", "q", "--predictions", "p", "--out", "r.json"])
+    metrics, rows, _ = ev.score_virft_cls([{"id": "a", "solution": solution}], [{"id": "a", "text": text}], args,
+                                          ("q", "p"))
+    assert rows[0]["correct"] is correct
+
+
 def test_cls_exact_is_the_named_strict_option():
     args = ev.parse_args(["--protocol", "virft-cls", "--questions", "q", "--predictions", "p", "--out", "r.json",
                           "--match", "exact"])
