@@ -2,8 +2,8 @@
 # Visual-RFT's few-shot claim on the toy world: from a model SFT'd on a few box-annotated examples, GRPO with
 # a verifiable box reward on the same examples generalises to held-out images better than SFT trained on them
 # for as many more steps. Grounding only (the focus step: question -> the target's box), scored on 1000
-# held-out images. With these defaults GRPO beat the control at two seeds of three on one machine (4.1 SE at
-# seed 0), and by at most 2.3 SE on another (README).
+# held-out images. With these defaults GRPO beat the control by 3 SE at seed 0 of seeds 0-2 (4.1-4.2 SE on two
+# machines), by at most 2.3 SE on a third; no other setting tried did better at more seeds (README).
 #   bash tools/fewshot_grounding.sh        # SHOTS=32 SEED=0 by default; OUT=runs/fewshot (replaced); ~4 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
