@@ -51,9 +51,9 @@ mkdir -p "$OUT/logs"
 stage "toy world" $PY tools/make_toy.py --out "$WORLD" --seed "$SEED" --n_test 2000 --distractors unnamed
 
 # 2. Two-step SFT on the annotated questions: full fine-tuning of the language model, the random vision tower
-#    frozen (trained, it collapses its tokens: README), 2-decimal box text (SPEC section 8). The learning rate
-#    decays to 0: stopped at a tenth of it, SFT had not settled, and the RL stages' gains over it were mostly
-#    what settling gives (README).
+#    frozen (trained, it collapses its tokens: docs/toy_experiments.md), 2-decimal box text (SPEC section 8).
+#    The learning rate decays to 0: stopped at a tenth of it, SFT had not settled, and the RL stages' gains over
+#    it were mostly what settling gives (docs/toy_experiments.md).
 stage "SFT" $PY sft.py --model "$WORLD/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft" \
     --finetune full --lr 2e-3 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2 --seed "$SEED"
 
@@ -81,9 +81,9 @@ offline_rl() {
     #    precomputed): stage 1, DPO on the focus box; stage 2, DPO on box and answer; half the RL steps each,
     #    16 pairs a step, at the control's learning rate. The chosen responses' NLL (--sft_weight 3)
     #    keeps DPO from pushing the chosen boxes down with the rejected ones (without it, at the earlier settings,
-    #    stage 2 lost 6.6 points: README). The end-of-turn token stays out of the preference (--preference_eos
-    #    exclude): with it in, stage 2 lowered P(end of turn | rejected answer word) until the model no longer
-    #    ended its answers after that word (-8.5 points at seed 0, README).
+    #    stage 2 lost 6.6 points: docs/toy_experiments.md). The end-of-turn token stays out of the preference
+    #    (--preference_eos exclude): with it in, stage 2 lowered P(end of turn | rejected answer word) until the
+    #    model no longer ended its answers after that word (-8.5 points at seed 0, README).
     local dpo="--data $OUT/pairs/pairs.jsonl --image_root $DATA --finetune full --lr 5e-4
                --max_steps $((RL_STEPS / 2)) --batch_size 16 --sft_weight 3 --preference_eos exclude --seed $SEED"
     stage "DPO stage 1" $PY rl_stage1.py --model "$OUT/sft/final" $dpo --output_dir "$OUT/rl1"
@@ -103,9 +103,10 @@ online_rl() {
     #    PPO's clipped ratio on the second): half the RL steps of rollouts, as many optimizer steps as the other
     #    stages. The gain grows with the updates and the rollouts (60 steps of 8 x 8 moved nothing; 300 of 8 x 4,
     #    one update each, gained 1.4 to 5.7 points in four worlds, these 150 x 8 x 2 at lr 3e-4 3.6 to 7.0 in a
-    #    minute more, and at 5e-4 on another machine 2.3 to 14.1: README). lr 5e-4, the DPO stages' and the
-    #    control's (with one update per batch, at 5e-4 one world of four lost its box format, another's boxes slid
-    #    off their objects: README); KL weight 0.2 (at 0.04 and lr 1e-3 runs lost the box format).
+    #    minute more, and at 5e-4 on another machine 2.3 to 14.1: docs/toy_experiments.md). lr 5e-4, the DPO
+    #    stages' and the control's (with one update per batch, at 5e-4 one world of four lost its box format,
+    #    another's boxes slid off their objects: docs/toy_experiments.md); KL weight 0.2 (at 0.04 and lr 1e-3
+    #    runs lost the box format).
     stage "GRPO (focus)" $PY grpo.py --task focus --model "$OUT/sft/final" --data "$DATA/questions.jsonl" \
         --image_root "$DATA" --output_dir "$OUT/grpo" --rule_metric exact --finetune full --lr 5e-4 \
         --warmup_ratio 0.05 --beta 0.2 --max_steps $((RL_STEPS / 2)) --num_iterations 2 --batch_size 8 \

@@ -92,7 +92,8 @@ def draw_shape(draw, shape, box, colour):
 
 def cell_tint(col, row):
     """The tint of a cell's tile: red channel by column, green by row, so a vision token's content says where
-    it is (M-RoPE positions alone were not read out by the tiny model in 1500 steps: README)."""
+    it is (M-RoPE positions alone were not read out by the tiny model in 1500 steps, when this world was
+    designed)."""
     return (240 - 30 * col, 240 - 40 * row, 200)
 
 

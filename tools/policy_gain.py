@@ -11,9 +11,9 @@ against the worse ones; a no-op gives 0, a small update against the reward a neg
 First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update
 that lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the
 start never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued)
-included, and DPO stage 2 highest while its sampled reward fell 6.8 points (README, "The toy world"). It is not
-even a sure detector of a run against the reward: a zoom GRPO run with the advantage flipped put the mass on one
-bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while its own
+included, and DPO stage 2 highest while its sampled reward fell 6.8 points (docs/toy_experiments.md, "The
+sampled policy"). It is not even a sure detector of a run against the reward: a zoom GRPO run with the
+advantage flipped put the mass on one bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while its own
 samples' reward fell 4.7 SE (README "Learning tests"). So a gain says that the update moved the policy on
 held-out questions (a no-op cannot score), not that it helped, and --reward_n adds the direct measure: each model
 samples G rollouts of the first N questions itself and its mean reward is compared with the start's, per question
