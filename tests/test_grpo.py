@@ -533,6 +533,26 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
         policy_gain.weighted_change(torch.zeros(0, dtype=torch.float64), torch.zeros(0), torch.zeros(0))
 
 
+def test_sampled_rewards_split_the_total_by_reward():
+    """policy_gain's direct measure reports the run's total and, with several rewards, each alone, scored as the
+    total is (an unusable rollout scores 0 in every one), so a zoom run's answers are told from its tool bonus."""
+    from tools import policy_gain
+    args = grpo.parse_args(["--task", "zoom", "--model", "m", "--data", "d", "--output_dir", os.devnull,
+                            "--num_generations", "2", "--rewards", "answer,zoom_tool", "--rule_metric", "exact"])
+    prompts = [{"rec": {"answer": "circle"}}, {"rec": {"answer": "square"}}]
+    rollouts = [{"prompt": p, "text": t, "invalid": bad, "box": None, "calls": calls}
+                for p, t, bad, calls in [(0, "<answer>circle</answer>", False, 1), (0, "square", False, 0),
+                                         (1, "square", False, 0), (1, "square", True, 1)]]
+    total = policy_gain.rollout_rewards(rollouts, prompts, args)
+    assert total.tolist() == [[2.0, 0.0], [1.0, 0.0]]
+    got = policy_gain.question_rewards(rollouts, prompts, args, total)
+    assert {k: v.tolist() for k, v in got.items()} == {"total": [1.0, 0.5], "answer": [0.5, 0.5],
+                                                       "zoom_tool": [0.5, 0.0]}
+    one = grpo.parse_args(["--task", "focus", "--model", "m", "--data", "d", "--output_dir", os.devnull,
+                           "--num_generations", "2"])
+    assert policy_gain.question_rewards(rollouts, prompts, one, total).keys() == {"total"}
+
+
 def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     """The tool on the toy: sampled rollouts keep their prompts' order, each rollout's log-prob is finite and
     the same under a second load of the same weights (and, to rounding, in another batching or with the
@@ -580,5 +600,9 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     with pytest.raises(SystemExit, match="--against .*: not one of --trained"):
         policy_gain.main(["--start", model_dir, "--trained", model_dir, "--against", data, "--questions", data])
     policy_gain.main(["--task", "zoom", "--start", model_dir, "--trained", model_dir, "--questions", data, "--n", "2",
-                      "--num_generations", "2", "--max_turns", "2", "--max_new_tokens", "16"])
-    assert "rollouts have a non-zero advantage (2 questions)" in capsys.readouterr().out
+                      "--num_generations", "2", "--max_turns", "2", "--max_new_tokens", "16", "--reward_n", "2",
+                      "--rewards", "answer,zoom_tool"])
+    out = capsys.readouterr().out
+    assert "rollouts have a non-zero advantage (2 questions)" in out
+    for line in ("sampled reward on 2 questions", "sampled reward answer on 2", "sampled reward zoom_tool on 2"):
+        assert f"{line}" in out and "+0.0000 ± 0.0000" in out.split(line)[1].splitlines()[0]

@@ -1,7 +1,7 @@
 """Learning, multi-turn zoom: a zoom cold start from the learning tests' SFT run (conftest's learning_sft), then
 GRPO --task zoom on box-free questions; its held-out policy gain (tests/learning.py) must clear its bar and its
-sampled reward must rise, and the same run with the advantage flipped must lower the sampled reward (README
-"Multi-turn zoom", "Learning tests")."""
+sampled answers (the answer reward alone) must get better, and the same run with the advantage flipped must lower
+the sampled reward (README "Multi-turn zoom", "Learning tests")."""
 import json
 import os
 import sys
@@ -19,8 +19,9 @@ def world(learning_sft):
     return learning_sft[0]
 
 
-# The sampled reward's rise, in SE: measured +2.4 to +9.2 over three fixture seeds and two RL seeds (README).
+# The sampled answer reward's rise over ZOOM_STEPS, in SE: measured +5.7 to +8.3 (README "Learning tests").
 ZOOM_REWARD_T = 2.0
+ZOOM_STEPS = 40  # in 20 steps the answers rose at one seed of two (+5.6 and +0.1 SE), the tool bonus at both
 ZOOM_FLAGS = ("--max_turns", "2", "--max_new_tokens", "48", "--rule_metric", "exact")  # one call, then answer
 
 
@@ -61,10 +62,12 @@ def zoom_grpo_run(world, zoom_sft, out, steps):
 
 def test_grpo_zoom_improves_the_policy_on_held_out_questions_and_a_flipped_advantage_does_not(world, zoom_sft, tmp_path,
                                                                                                monkeypatch):
-    """Multi-turn zoom, 20 steps, on the zoom loop's rollouts (with their rewards: answer and tool bonus), 128
-    held-out questions for both measures: the policy gain clears its bar and the sampled reward rises by
-    ZOOM_REWARD_T standard errors; flipped, 3 steps, the sampled reward falls. The answer reward alone is not
-    asserted: it rose at one seed of two in 20 steps (README "Learning tests")."""
+    """Multi-turn zoom, ZOOM_STEPS steps, on the zoom loop's rollouts (with their rewards: answer and tool bonus),
+    128 held-out questions for both measures: the policy gain clears its bar and the sampled answer reward alone
+    rises by ZOOM_REWARD_T standard errors (a run that only called the tool more, its answers no better, would
+    not); flipped, 3 steps, the sampled total reward falls (its answers alone fell 1.5 to 2.0 SE in 3 to 8
+    steps: the flipped run mostly stops calling)."""
     probe = held_out_probe(world, zoom_sft, 128, "--task", "zoom", "--rewards", "answer,zoom_tool", *ZOOM_FLAGS)
-    check_with_and_against_the_reward(lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps), probe, 20, 3, 128,
-                                      tmp_path, monkeypatch, "zoom", reward_bar=ZOOM_REWARD_T)
+    check_with_and_against_the_reward(lambda out, steps: zoom_grpo_run(world, zoom_sft, out, steps), probe,
+                                      ZOOM_STEPS, 3, 128, tmp_path, monkeypatch, "zoom", reward_bar=ZOOM_REWARD_T,
+                                      bar_on="answer")

@@ -28,6 +28,7 @@ samples G rollouts of the first N questions itself and its mean reward is compar
     python tools/policy_gain.py --task zoom --start A --trained B --questions Q --rewards answer,zoom_tool \\
         --max_turns 2 --max_new_tokens 48
 """
+import argparse
 import os
 import sys
 
@@ -47,8 +48,25 @@ def sample_rollouts(module, processor, prompts, images, args, chunk=16):
         for r in part:
             r["prompt"] += s
         rollouts += part
+    return rollouts, rollout_rewards(rollouts, prompts, args)
+
+
+def rollout_rewards(rollouts, prompts, args, only=None):
+    """(prompts, G) rewards: the run's weighted total, or the reward `only` alone (scored as the total is: 0 for
+    a rollout grpo.score finds unusable)."""
+    if only is not None:
+        args = argparse.Namespace(**{**vars(args), "rewards": [only], "reward_weights": [1.0]})
     _, total = grpo.score(rollouts, prompts, args)
-    return rollouts, torch.tensor(total, dtype=torch.float64).view(-1, args.num_generations)
+    return torch.tensor(total, dtype=torch.float64).view(-1, args.num_generations)
+
+
+def question_rewards(rollouts, prompts, args, rewards):
+    """Each question's mean reward over its rollouts: "total" (the run's weighted sum) and, with more than one
+    reward, each reward alone (so a zoom run's answers can be told from its tool bonus)."""
+    out = {"total": rewards.mean(1)}
+    for name in args.rewards if len(args.rewards) > 1 else ():
+        out[name] = rollout_rewards(rollouts, prompts, args, only=name).mean(1)
+    return out
 
 
 @torch.no_grad()
@@ -76,7 +94,7 @@ def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=())
     """The start model's sampled rollouts on the first n held-out questions, kept where their group has a
     reward spread, with their advantages, question indices and start log-probs (what policy_gain compares), the
     start's vision weights (a trained model that kept them reuses the rollouts' vision features), and what
-    sampled_rewards needs: the questions, the seed and the start's mean reward per question."""
+    sampled_rewards needs: the questions, the seed and the start's mean rewards per question."""
     args = grpo.parse_args(["--model", start, "--data", questions, "--output_dir", os.devnull,
                             "--num_generations", str(num_generations), *grpo_flags])
     prompts = grpo.read_prompts(questions, image_root, args.task)[:n]
@@ -93,28 +111,29 @@ def probe(start, questions, image_root, n, num_generations, seed, grpo_flags=())
             "question": torch.tensor([r["prompt"] for r in kept]),
             "vision": vision_weights(model),
             "start_logps": rollout_logps(model, processor, kept, args.temperature, reuse_features=True),
-            "prompts": prompts, "images": images, "args": args, "seed": seed, "start_rewards": rewards.mean(1)}
+            "prompts": prompts, "images": images, "args": args, "seed": seed,
+            "start_rewards": question_rewards(rollouts, prompts, args, rewards)}
 
 
 def sampled_rewards(held_out, model, n):
-    """`model`'s mean reward per question over G sampled rollouts of each of the probe's first n questions, drawn
-    with the probe's seed and batching (so an unchanged model draws the start's very rollouts)."""
+    """`model`'s question_rewards over G sampled rollouts of each of the probe's first n questions, drawn with
+    the probe's seed and batching (so an unchanged model draws the start's very rollouts)."""
     torch.manual_seed(held_out["seed"])
-    _, rewards = sample_rollouts(model.eval(), held_out["processor"], held_out["prompts"][:n], held_out["images"][:n],
-                                 held_out["args"])
-    return rewards.mean(1)
+    prompts, args = held_out["prompts"][:n], held_out["args"]
+    rollouts, rewards = sample_rollouts(model.eval(), held_out["processor"], prompts, held_out["images"][:n], args)
+    return question_rewards(rollouts, prompts, args, rewards)
 
 
-def reward_change(held_out, after):
-    """(mean change, its standard error over the questions, the start's mean reward, the model's) of a model's
-    sampled_rewards against the start's on the same questions."""
-    before = held_out["start_rewards"][:len(after)]
-    return (*mean_and_se(after - before), float(before.mean()), float(after.mean()))
+def reward_change(held_out, after, key="total"):
+    """(mean change, its standard error over the questions, the start's mean reward, the model's) of one of a
+    model's sampled_rewards ("total", or one reward's name) against the start's on the same questions."""
+    before = held_out["start_rewards"][key][:len(after[key])]
+    return (*mean_and_se(after[key] - before), float(before.mean()), float(after[key].mean()))
 
 
-def sampled_reward_change(held_out, model, n):
+def sampled_reward_change(held_out, model, n, key="total"):
     """The direct measure, for any size of update: reward_change of `model`'s sampled_rewards."""
-    return reward_change(held_out, sampled_rewards(held_out, model, n))
+    return reward_change(held_out, sampled_rewards(held_out, model, n), key)
 
 
 def question_gains(advantages, question, change):
@@ -168,7 +187,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward_n", type=common.POSITIVE_INT, default=None,
                         help="also the direct measure: each model's sampled reward on the first N questions against "
-                        "the start's (sampled_reward_change)")
+                        "the start's (sampled_reward_change; the total, and each reward alone where there are several)")
     parser.add_argument("--against", default=None, help="one of --trained (a control): every other one's gain "
                         "minus its gain, per question, with the standard error of that paired difference")
     a, grpo_flags = parser.parse_known_args(argv)
@@ -197,10 +216,12 @@ def main(argv=None):
             print(f"{path}: policy gain {gain:+.4f} ± {se:.4f}{in_se(gain, se)}; mean log-prob change "
                   f"{better:+.3f} (rollouts better than their group), {worse:+.3f} (worse)")
         if a.reward_n:
-            rewards[path] = sampled_rewards(held_out, model, a.reward_n)
-            change, change_se, before, after = reward_change(held_out, rewards[path])
-            print(f"{path}: sampled reward on {len(rewards[path])} questions {before:.4f} -> {after:.4f}, "
-                  f"{change:+.4f} ± {change_se:.4f}{in_se(change, change_se)}")
+            sampled = sampled_rewards(held_out, model, a.reward_n)
+            rewards[path] = sampled["total"]
+            for key in sampled:  # the total, then each reward alone where there are several
+                change, change_se, before, after = reward_change(held_out, sampled, key)
+                print(f"{path}: sampled reward{'' if key == 'total' else ' ' + key} on {len(sampled[key])} questions "
+                      f"{before:.4f} -> {after:.4f}, {change:+.4f} ± {change_se:.4f}{in_se(change, change_se)}")
     for path in a.trained if a.against else []:
         if path != a.against:
             for measure, values in (("policy gain", per_question), ("sampled reward", rewards)):
