@@ -95,6 +95,22 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
+def write_errors(path, errors):
+    """A long job's list of the records it could not use (OUT.errors.jsonl), rewritten each run: with none, an
+    earlier run's list, whose records this run retried and answered, is removed."""
+    if errors:
+        write_jsonl(path, errors)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def unanswered(n, out, unit):
+    """The one-line error a long job exits with after answering everything else: n records (gen_pairs:
+    questions) that write_errors listed."""
+    return DataError(f"{n} {unit}(s) not answered: the image failed to load or disagrees with the record (listed "
+                     f"in {out}.errors.jsonl; the others are in {out}, and a rerun retries only these)")
+
+
 def resume_jsonl(path):
     """Rows already in an output file that a job appends to, so a rerun skips them. A kill can leave a torn
     last line: it is cut off here (that record is redone), never read as data."""

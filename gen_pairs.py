@@ -332,10 +332,7 @@ def merge_shards(out, records, world, timeout=3600):
             rows[row["id"]] = row
     common.write_jsonl(out, [rows[rec["id"]] for rec in records if rec["id"] in rows])
     errors = [e for path in shards(out, ".errors") for e in common.read_jsonl(path)]
-    if errors:
-        common.write_jsonl(out + ".errors.jsonl", errors)
-    elif os.path.exists(out + ".errors.jsonl"):  # an earlier run's list, retried and answered this time
-        os.remove(out + ".errors.jsonl")
+    common.write_errors(out + ".errors.jsonl", errors)
     for path in glob.glob(f"{out}.rank*"):
         os.remove(path)
     return len(errors)
@@ -399,10 +396,7 @@ def main(argv=None):
                 stats["questions"] += len(rows)
             bar.update(len(mine[start:start + args.batch_size]))
     stats.pop("ok", None)
-    if errors:
-        common.write_jsonl(errors_path, errors)
-    elif os.path.exists(errors_path):
-        os.remove(errors_path)
+    common.write_errors(errors_path, errors)
     dt = time.time() - t0
     failed = len(errors)
     if world > 1:
@@ -415,9 +409,7 @@ def main(argv=None):
           f"dropped (no random box), {stats['judge_failed']} judge failures, {stats['judge_unparsable']} "
           f"unparsable judge replies, {len(errors)} image errors -> {out_path}")
     if failed:
-        raise common.DataError(f"{failed} question(s) not answered: the image failed to load or disagrees with the "
-                               f"record (listed in {args.out}.errors.jsonl; the others are in {args.out}, and a "
-                               f"rerun retries only these)")
+        raise common.unanswered(failed, args.out, "question")
 
 
 if __name__ == "__main__":

@@ -201,8 +201,7 @@ def run_file(model, processor, records, image_root, out_path, batch_size=16, sho
                 common.append_jsonl(out, rows)
                 written += len(rows)
             bar.update(len(todo[start:start + batch_size]))
-    # Rewritten each run: an error that a fixed file cures disappears from the list on the next run.
-    common.write_jsonl(errors_path, errors) if errors else (os.path.exists(errors_path) and os.remove(errors_path))
+    common.write_errors(errors_path, errors)  # an error that a fixed file cures leaves the list on the next run
     return written, len(done), errors
 
 
@@ -523,9 +522,7 @@ def main(argv=None):
           f"{skipped} already done, {len(errors)} image errors"
           + (f" (listed in {args.out}.errors.jsonl)" if errors else "") + f" -> {args.out}")
     if errors:
-        raise common.DataError(f"{len(errors)} record(s) not answered: the image failed to load or disagrees with "
-                               f"the record (listed in {args.out}.errors.jsonl; the others are in {args.out}, and "
-                               f"a rerun retries only these)")
+        raise common.unanswered(len(errors), args.out, "record")
 
 
 if __name__ == "__main__":

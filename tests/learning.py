@@ -6,19 +6,20 @@ import common
 import grpo
 from tools import policy_gain
 
-# The GRPO claims are measured on held-out questions in two ways (tools/policy_gain.py). The policy gain: the start
-# model samples 8 rollouts of each of n held-out questions, and a trained model's change of each rollout's
+# The GRPO claims are measured on held-out questions in two ways (tools/policy_gain.py). The policy gain: the
+# start model samples 8 rollouts of each of n held-out questions, and a trained model's change of each rollout's
 # log-probability is weighted by its group advantage; it shows that the update moved the policy on questions it
 # never saw, in the reward's direction to first order (a no-op scores exactly 0). The sampled reward: the trained
 # model samples 8 rollouts of each of the first questions itself, paired per question with the start's; it sees
 # where the probability went. A claim asks both: the policy gain clears GRPO_T standard errors, and the sampled
-# reward does not fall by more than NO_LOSS_T (focus: in 20 steps the run does not clearly raise it) or rises (zoom:
-# the answer reward alone, without the tool bonus, by test_learning_zoom.ZOOM_REWARD_T). The broken run (advantage
-# flipped) misses the claim by its sampled reward (the total), which must fall by more than LOSS_T. Its policy gain is printed, not asserted: it is no detector of a run against
-# the reward. A flipped run collapses onto one bad reply, which lowers the start's other bad replies more than its
-# good ones, read as a preference for the good ones: on the AMD EPYC flipped runs scored up to +9.9 SE (focus) and
-# +11.6 SE (zoom) while their sampled reward fell (README "Learning tests"). The greedy answers' gain is not a
-# measure: over 20 steps it moved from -0.034 to +0.058 between machines and seeds (README "Learning tests").
+# reward does not fall by more than NO_LOSS_T (focus: in 20 steps the run does not clearly raise it) or rises
+# (zoom: the answer reward alone, without the tool bonus, by test_learning_zoom.ZOOM_REWARD_T). The broken run
+# (advantage flipped) misses the claim by its sampled reward (the total), which must fall by more than LOSS_T. Its
+# policy gain is printed, not asserted: it is no detector of a run against the reward. A flipped run collapses
+# onto one bad reply, which lowers the start's other bad replies more than its good ones, read as a preference for
+# the good ones: on the AMD EPYC flipped runs scored up to +9.9 SE (focus) and +11.6 SE (zoom) while their sampled
+# reward fell (README "Learning tests"). The greedy answers' gain is not a measure: over 20 steps it moved from
+# -0.034 to +0.058 between machines and seeds (README "Learning tests").
 GRPO_T = 3.0  # measured: policy gain focus 4.0 to 10.6, zoom 5.7 to 14.6
 NO_LOSS_T = 2.0  # the focus run's sampled reward, two worlds, two machines: -0.3 to +3.2 SE
 LOSS_T = 3.0  # the flipped runs' sampled reward: focus -4.3 to -23.6 SE, zoom -3.5 to -7.6

@@ -211,6 +211,14 @@ def test_output_lines_bad_image_and_ranks(toy, tmp_path):
         for c in row["candidates"]:
             # A random model writes no box: kept, scored 0, counted.
             assert c["status"] == "unparsable_box" and c["box"] is None and c["s_R"] == c["s_B"] == 0.0
+    # The image mended, a rerun on both ranks answers only that question; the merged list of errors goes.
+    common.write_jsonl(data, common.read_records(str(toy / "data" / "train.jsonl"))[:5])
+    procs = [subprocess.Popen(gen_cmd(toy, data, out), cwd=ROOT, env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+    assert [r["id"] for r in common.read_jsonl(out)] == [r["id"] for r in recs]
+    assert common.read_jsonl(out)[:2] == rows[:2] and not os.path.exists(out + ".errors.jsonl")
 
 
 def test_kill_and_resume_loses_nothing(toy, tmp_path):

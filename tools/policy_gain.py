@@ -8,13 +8,13 @@ standard error over those questions. To first order it is the change in the expe
 (the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
 against the worse ones; a no-op gives 0, a small update against the reward a negative number.
 
-First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update
-that lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the
-start never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued)
-included, and DPO stage 2 highest while its sampled reward fell 6.8 points (docs/toy_experiments.md, "The
-sampled policy"). It is not even a sure detector of a run against the reward: a zoom GRPO run with the
-advantage flipped put the mass on one bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while its own
-samples' reward fell 4.7 SE (README "Learning tests"). So a gain says that the update moved the policy on
+First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update that
+lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the start
+never samples: on pipeline.sh's models every trained model scored positive, the control (SFT continued) included,
+and DPO stage 2 highest while its sampled reward fell 6.8 points (docs/toy_experiments.md, "The sampled policy").
+It is not even a sure detector of a run against the reward: a zoom GRPO run with the advantage flipped put the
+mass on one bad mode, the start's scattered bad replies lost more than its good ones, and it scored +5.7 SE while
+its own samples' reward fell 4.7 SE (README "Learning tests"). So a gain says that the update moved the policy on
 held-out questions (a no-op cannot score), not that it helped, and --reward_n adds the direct measure: each model
 samples G rollouts of the first N questions itself and its mean reward is compared with the start's, per question
 (paired; the probe's seed, so an unchanged model draws the start's very rollouts and scores exactly 0).
@@ -131,9 +131,9 @@ def reward_change(held_out, after, key="total"):
     return (*mean_and_se(after[key] - before), float(before.mean()), float(after[key].mean()))
 
 
-def sampled_reward_change(held_out, model, n, key="total"):
-    """The direct measure, for any size of update: reward_change of `model`'s sampled_rewards."""
-    return reward_change(held_out, sampled_rewards(held_out, model, n), key)
+def sampled_reward_change(held_out, model, n):
+    """The direct measure, for any size of update: reward_change of `model`'s sampled_rewards (their total)."""
+    return reward_change(held_out, sampled_rewards(held_out, model, n))
 
 
 def question_gains(advantages, question, change):
@@ -187,7 +187,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reward_n", type=common.POSITIVE_INT, default=None,
                         help="also the direct measure: each model's sampled reward on the first N questions against "
-                        "the start's (sampled_reward_change; the total, and each reward alone where there are several)")
+                        "the start's (sampled_reward_change; the total, and each reward alone where there are "
+                        "several)")
     parser.add_argument("--against", default=None, help="one of --trained (a control): every other one's gain "
                         "minus its gain, per question, with the standard error of that paired difference")
     a, grpo_flags = parser.parse_known_args(argv)
