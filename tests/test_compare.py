@@ -1,11 +1,17 @@
 """tools/compare.py: the paired differences pipeline.sh prints, against numpy on the same per-item files."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import common
 from tools import compare
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_report(path, label, items, protocol="chain"):
@@ -49,6 +55,18 @@ def test_a_malformed_item_line_names_file_and_line(tmp_path):
     write_report(tmp_path / "row.json", "row", [{"dataset": "toy", "answer_score": 1.0}])
     with pytest.raises(common.DataError, match=r"row\.items\.jsonl:1: a per-item row needs 'id'"):
         compare.read_report(str(tmp_path / "row.json"))
+
+
+def test_a_missing_or_foreign_report_is_one_line_naming_it(tmp_path):
+    (tmp_path / "half.json").write_text('{"protocol": "chain", ')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for name, message in (("absent.json", r"cannot read the report .*absent\.json: No such file"),
+                          ("half.json", r".*half\.json is not an eval\.py report \(not JSON"),
+                          ("list.json", r".*list\.json is not an eval\.py report \(no 'protocol' and 'label'\)")):
+        run = subprocess.run([sys.executable, "tools/compare.py", str(tmp_path / name)], capture_output=True,
+                             text=True, cwd=ROOT)
+        assert run.returncode == 1 and "Traceback" not in run.stderr
+        assert re.fullmatch(r"compare\.py: error: " + message + r".*\n", run.stderr), run.stderr
 
 
 def test_chain_and_zoom_reports_compare_and_other_protocols_do_not(tmp_path, capsys):

@@ -26,8 +26,15 @@ ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
 
 def read_report(path):
     """(report, {(dataset, id): per-item row}); no items when the report has no per-item file next to it."""
-    with open(path) as f:
-        report = json.load(f)
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except OSError as e:
+        raise common.DataError(f"cannot read the report {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise common.DataError(f"{path} is not an eval.py report (not JSON: {e})") from None
+    if not isinstance(report, dict) or not {"protocol", "label"} <= report.keys():
+        raise common.DataError(f"{path} is not an eval.py report (no 'protocol' and 'label')")
     items_path = os.path.splitext(path)[0] + ".items.jsonl"
     items = {}
     if os.path.exists(items_path):
