@@ -1,6 +1,7 @@
 """Records: JSONL errors name file and line, images name the record; Visual-CoT converters on the real samples."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,10 +120,15 @@ def test_write_jsonl_round_trip(tmp_path):
     assert common.read_jsonl(str(tmp_path / "o.jsonl")) == rows
 
 
+def run_convert(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), *argv],
+                          capture_output=True, text=True)
+
+
 def convert(tmp_path, *argv):
-    out = str(tmp_path / "out.jsonl")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), *argv, "--out", out],
-                   check=True, capture_output=True)
+    out = str(tmp_path / f"out{len(list(tmp_path.glob('out*.jsonl')))}.jsonl")
+    run = run_convert(*argv, "--out", out)
+    assert run.returncode == 0, run.stderr
     return common.read_jsonl(out)
 
 
@@ -153,10 +159,78 @@ def test_convert_benchmark_rejects_inconsistent_box(tmp_path):
     items[0]["conversations"][1]["value"] = "[0.1, 0.1, 0.2, 0.2]"
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(items))
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), "--format", "benchmark",
-                        "--input", str(bad), "--out", str(tmp_path / "o.jsonl"),
-                        "--sizes", os.path.join(SAMPLES, "benchmark_det_gqa.jsonl")], capture_output=True, text=True)
-    assert p.returncode != 0 and "disagrees with pixel box" in p.stderr
+    p = run_convert("--format", "benchmark", "--input", str(bad), "--out", str(tmp_path / "o.jsonl"),
+                    "--sizes", os.path.join(SAMPLES, "benchmark_det_gqa.jsonl"))
+    assert p.returncode == 1 and re.fullmatch(r"convert_viscot\.py: error: .*bad\.json\[0\]: box text .* disagrees "
+                                              r"with pixel box .*\n", p.stderr), p.stderr
+    assert not os.path.exists(tmp_path / "o.jsonl")
+
+
+def test_convert_answers_bad_input_with_one_line_and_writes_nothing(tmp_path):
+    """Each malformed input, and each misuse of --out, exits 1 with one line naming the file and the item (list
+    index for a benchmark file, line for JSONL), and leaves no output."""
+    with open(os.path.join(SAMPLES, "benchmark_gqa.json")) as f:
+        items = json.load(f)
+    sizes = os.path.join(SAMPLES, "benchmark_det_gqa.jsonl")
+    with open(sizes) as f:
+        det_row = json.loads(f.readline())
+    train_row = {"question": "q", "answer": "a", "image": "i.jpg", "width": 100, "height": 50, "dataset": "d",
+                 "bboxs": [[10, 5, 20, 15]]}
+
+    def bench_with(change):
+        bad = json.loads(json.dumps(items))
+        change(bad)
+        return json.dumps(bad)
+
+    def set_(key_path, value):
+        def change(bad):
+            target = bad
+            for key in key_path[:-1]:
+                target = target[key]
+            target[key_path[-1]] = value
+        return change
+
+    cases = [  # (format, input file text, extra flags, what the one line must say)
+        ("benchmark", None, [], r"--input .*absent\.json: No such file"),
+        ("benchmark", '{"image": ', [], r".*in\.json: not a JSON file"),
+        ("benchmark", "[]", [], r".*in\.json: expected a non-empty JSON list"),
+        ("benchmark", bench_with(lambda b: b[1].pop("conversations")), [],
+         r".*in\.json\[1\]: not a Visual-CoT benchmark item .*KeyError: 'conversations'"),
+        ("benchmark", bench_with(set_([2, "image", 1], "x.jpg")), [],
+         r".*in\.json\[2\]: not a Visual-CoT benchmark item .*###\[x1, y1, x2, y2\] in image\[1\]"),
+        ("benchmark", bench_with(set_([0, "image", 1], "x.jpg###[1, 2")), [],
+         r".*in\.json\[0\]: not a Visual-CoT benchmark item"),
+        ("benchmark", bench_with(lambda b: b.append(b[0])), [], r".*in\.json\[%d\]: duplicate id" % len(items)),
+        ("benchmark", bench_with(set_([0, "image", 1], items[0]["image"][0] + "###[0, 0, 100000, 10]")),
+         ["--sizes", sizes], r".*in\.json\[0\]: bbox \[0, 0, 100000, 10\] lies outside the \d+x\d+ image"),
+        ("benchmark", json.dumps(items), ["--sizes", str(tmp_path / "no_sizes.jsonl")],
+         r".*no_sizes\.jsonl: no such file"),
+        ("det", json.dumps({k: v for k, v in det_row.items() if k != "img_path"}) + "\n", [],
+         r".*in\.json:1: not a Visual-CoT benchmark_det row .*KeyError: 'img_path'"),
+        ("det", json.dumps(det_row) + "\n" + json.dumps(dict(det_row, bbox=[5, 5, 1, 1])) + "\n", [],
+         r".*in\.json:2: record .*: bbox \[5, 5, 1, 1\] is degenerate"),
+        ("train", json.dumps(dict(train_row, bboxs=[])) + "\n", [],
+         r".*in\.json:1: not a Visual-CoT training row .*ValueError"),
+        ("train", "\n" + json.dumps(train_row)[:-1] + "\n", [], r".*in\.json:2: not valid JSON"),
+        ("train", "", [], r".*in\.json: no records \(the file is empty\)"),
+    ]
+    for fmt, text, flags, message in cases:
+        source = tmp_path / ("absent.json" if text is None else "in.json")
+        if text is not None:
+            source.write_text(text)
+        out = tmp_path / "o.jsonl"
+        run = run_convert("--format", fmt, "--input", str(source), "--out", str(out), *flags)
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+        assert re.fullmatch(r"convert_viscot\.py: error: " + message + r".*\n", run.stderr), (message, run.stderr)
+        assert not out.exists()
+    (tmp_path / "in.json").write_text(json.dumps(train_row) + "\n")
+    assert run_convert("--format", "train", "--input", str(tmp_path / "in.json"), "--out", str(out)).returncode == 0
+    run = run_convert("--format", "train", "--input", str(tmp_path / "in.json"), "--out", str(out))
+    assert run.returncode == 1 and re.fullmatch(r"convert_viscot\.py: error: --out .*o\.jsonl exists: --overwrite "
+                                                r"replaces it.*\n", run.stderr), run.stderr
+    run = run_convert("--format", "train", "--input", str(tmp_path / "in.json"), "--out", str(tmp_path / "in.json"))
+    assert run.returncode == 1 and "is also an input of this run" in run.stderr
+    assert json.loads((tmp_path / "in.json").read_text()) == train_row
 
 
 def test_convert_det(tmp_path):

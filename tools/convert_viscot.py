@@ -28,42 +28,80 @@ def union(boxes):
     return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
 
 
-def convert_benchmark(items, sizes, image_root, where):
+def fields(where, shape, get):
+    """get() reads an item's fields; a missing or malformed one is an error naming the item and the expected
+    shape (the Visual-CoT files hold hundreds of thousands of items: a KeyError would not say which)."""
+    try:
+        return get()
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise common.DataError(f"{where}: not a Visual-CoT {shape} ({type(e).__name__}: {e})") from None
+
+
+def read_benchmark(path):
+    """A benchmark file: one JSON list (not JSONL)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            items = json.load(f)
+    except OSError as e:
+        raise common.DataError(f"--input {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise common.DataError(f"{path}: not a JSON file ({e}); --format det and train read JSONL") from None
+    if not isinstance(items, list) or not items:
+        raise common.DataError(f"{path}: expected a non-empty JSON list of benchmark items")
+    return items
+
+
+def convert_benchmark(items, sizes, image_root, path):
     out = []
     for i, item in enumerate(items):
-        path, tagged = item["image"][0], item["image"][1]
-        m = re.search(r"###\s*(\[.*\])\s*$", tagged)
-        if m is None:
-            raise common.DataError(f"{where}[{i}]: image[1] has no '###[x1, y1, x2, y2]' box: {tagged!r}")
-        bbox = json.loads(m.group(1))
-        conv = item["conversations"]
-        question = conv[0]["value"].replace("<image>", "").strip()
+        where = f"{path}[{i}]"
+        shape = "benchmark item (image: [path, 'path###[x1, y1, x2, y2]'], conversations: 4 turns, dataset, question_id)"
+        image, tagged, conv, dataset, question_id = fields(where, shape, lambda: (
+            item["image"][0], item["image"][1], [turn["value"] for turn in item["conversations"][:4]],
+            item["dataset"], item["question_id"]))
+        m = re.search(r"###\s*(\[.*\])\s*$", str(tagged))
+        bbox = fields(where, shape, lambda: json.loads(m.group(1)) if m else {}["###[x1, y1, x2, y2] in image[1]"])
+        question = fields(where, shape, lambda: conv[0].replace("<image>", "").strip())
         if question.endswith(BOX_PROMPT.strip()):
             question = question[: -len(BOX_PROMPT.strip())].strip()
-        rec = {"id": f"{item['dataset']}-{item['question_id']}", "image": path, "question": question,
-               "answer": conv[3]["value"], "bbox": bbox, "dataset": item["dataset"],
-               "question_id": item["question_id"], "split": item.get("split")}
-        size = sizes.get(item["question_id"])
-        if size is None and image_root and os.path.exists(os.path.join(image_root, path)):
-            size = common.image_size({"id": rec["id"], "image": path}, image_root)
+        rec = {"id": f"{dataset}-{question_id}", "image": image, "question": question,
+               "answer": fields(where, shape, lambda: conv[3]), "bbox": bbox, "dataset": dataset,
+               "question_id": question_id, "split": item.get("split")}
+        size = sizes.get(question_id)
+        if size is None and image_root and os.path.exists(os.path.join(image_root, str(image))):
+            size = common.image_size({"id": rec["id"], "image": image}, image_root)
         if size:
             rec["width"], rec["height"] = size
-            text_box = common.parse_box(conv[1]["value"], "viscot", *size)
+            common.check_box(bbox, f"{where}: bbox", *size)
+            text_box = common.parse_box(str(conv[1]), "viscot", *size)
             if text_box is None or common.box_iou(text_box, bbox) < 0.9:
-                raise common.DataError(f"{where}[{i}]: box text {conv[1]['value']!r} disagrees with pixel box "
+                raise common.DataError(f"{where}: box text {conv[1]!r} disagrees with pixel box "
                                        f"{bbox} for a {size[0]}x{size[1]} image")
-        out.append(rec)
+        out.append((where, rec))
     return out
 
 
-def convert_det(rows):
-    return [dict(row, id=f"{row['img_path'].split('/')[-2]}-{row['question_id']}", image=row["img_path"],
-                 question=row["expression"], answer="", dataset=row["img_path"].split("/")[-2]) for row in rows]
+def read_sizes(path):
+    """{question_id: (width, height)} from a benchmark_det file."""
+    shape = "benchmark_det row (question_id, width, height)"
+    return dict(fields(f"{path}:{lineno}", shape, lambda: (row["question_id"], (row["width"], row["height"])))
+                for lineno, row in common.input_rows(path))
 
 
-def convert_train(rows, prefix):
-    return [dict(row, id=f"{row['dataset']}-{row.get('split', 'train')}-{i}", image=prefix + row["image"],
-                 bbox=union(row["bboxs"])) for i, row in enumerate(rows)]
+def convert_det(path):
+    shape = "benchmark_det row (img_path: .../DATASET/FILE, question_id, expression, bbox, width, height)"
+    return [(f"{path}:{lineno}", fields(f"{path}:{lineno}", shape, lambda: dict(
+        row, id=f"{row['img_path'].split('/')[-2]}-{row['question_id']}", image=row["img_path"],
+        question=row["expression"], answer="", dataset=row["img_path"].split("/")[-2])))
+        for lineno, row in common.input_rows(path)]
+
+
+def convert_train(path, prefix):
+    shape = "training row (dataset, image, question, answer, bboxs: a non-empty list of [x1, y1, x2, y2])"
+    return [(f"{path}:{lineno}", fields(f"{path}:{lineno}", shape, lambda: dict(
+        row, id=f"{row['dataset']}-{row.get('split', 'train')}-{i}", image=prefix + row["image"],
+        bbox=union(row["bboxs"]))))
+        for i, (lineno, row) in enumerate(common.input_rows(path))]
 
 
 def main():
@@ -71,24 +109,29 @@ def main():
     parser.add_argument("--format", required=True, choices=["benchmark", "det", "train"], help="input format")
     parser.add_argument("--input", required=True, help="Visual-CoT file")
     parser.add_argument("--out", required=True, help="output records (JSONL)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--image_root", default=None, help="benchmark: read image sizes from the images here")
     parser.add_argument("--sizes", default=None, help="benchmark: a benchmark_det JSONL giving width/height by question_id")
     parser.add_argument("--image_prefix", default="", help="train: prefix for the bare image file names")
     args = parser.parse_args()
+    common.claim_output_file(args.out, "--out", [p for p in (args.input, args.sizes) if p], args.overwrite)
     if args.format == "benchmark":
-        with open(args.input, encoding="utf-8") as f:
-            items = json.load(f)
-        sizes = {r["question_id"]: (r["width"], r["height"]) for r in common.read_jsonl(args.sizes)} if args.sizes else {}
-        records = convert_benchmark(items, sizes, args.image_root, args.input)
+        sizes = read_sizes(args.sizes) if args.sizes else {}
+        records = convert_benchmark(read_benchmark(args.input), sizes, args.image_root, args.input)
     elif args.format == "det":
-        records = convert_det(common.read_jsonl(args.input))
+        records = convert_det(args.input)
     else:
-        records = convert_train(common.read_jsonl(args.input), args.image_prefix)
-    for i, rec in enumerate(records):
-        common.validate_record(rec, f"{args.input} item {i}", need_answer=args.format != "det")
-    common.write_jsonl(args.out, records)
+        records = convert_train(args.input, args.image_prefix)
+    seen = {}
+    for where, rec in records:  # every record checked before anything is written
+        common.validate_record(rec, where, need_answer=args.format != "det")
+        common.check_unique(seen, rec["id"], where)
+    common.write_jsonl(args.out, [rec for _, rec in records])
     print(f"{len(records)} records -> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.DataError as e:
+        raise SystemExit(f"convert_viscot.py: error: {e}") from None
