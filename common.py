@@ -139,6 +139,10 @@ def validate_record(rec, where, need_answer=True):
     for key in ("id", "image", "question", "answer"):
         if not isinstance(rec.get(key), str) or not (rec[key].strip() or (key == "answer" and not need_answer)):
             raise DataError(f"{where}: field '{key}' must be a non-empty string, got {rec.get(key)!r}")
+    for key in ("question", "answer"):
+        if special_token_in(rec[key]):
+            raise DataError(f"{where}: record {rec['id']!r}: {key} holds the special token {special_token_in(rec[key])}"
+                            " (a vision placeholder or a turn marker of the chat template)")
     for key in ("width", "height"):
         if rec.get(key) is not None and not (isinstance(rec[key], int) and not isinstance(rec[key], bool)
                                              and rec[key] > 0):
@@ -211,9 +215,19 @@ def load_image(rec, image_root):
     return image
 
 
+MAX_ASPECT = 200  # the Qwen processors (smart_resize) refuse an image whose long side exceeds 200 short sides
+
+
 def check_against_image(rec, size, path):
-    """The record's width/height (when given) are its image's, and its bbox lies inside the image."""
+    """The record's width/height (when given) are its image's, its bbox lies inside the image, and the image's
+    shape is one the processor takes."""
+    if max(size) > MAX_ASPECT * min(size):
+        raise DataError(f"record {rec.get('id')!r}: image {path!r} is {size[0]}x{size[1]}, a side over "
+                        f"{MAX_ASPECT} times the other, which the processor refuses")
     stated = (rec.get("width"), rec.get("height"))
+    if stated != (None, None) and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in stated):
+        raise DataError(f"record {rec.get('id')!r}: width/height must be positive integers, got {stated[0]!r} and "
+                        f"{stated[1]!r}")
     if stated != (None, None) and tuple(stated) != tuple(size):
         raise DataError(f"record {rec.get('id')!r}: width/height {stated[0]}x{stated[1]} disagree with its image "
                         f"{path!r} ({size[0]}x{size[1]})")
@@ -365,10 +379,12 @@ def crop_box(box, w, h, min_size):
     """Integer crop box inside the image, at least min_size on each side (grown around its centre): pass
     token_pixels(processor), the processor's minimum (SPEC 3)."""
     x1, y1, x2, y2 = box
+    # A thin box's short side grows too, so the crop keeps within the processor's MAX_ASPECT.
+    longest = max(min(x2, w) - max(x1, 0), min(y2, h) - max(y1, 0))
     out = []
     for lo, hi, limit in ((x1, x2, w), (y1, y2, h)):
         lo, hi = max(0.0, min(lo, limit)), max(0.0, min(hi, limit))
-        size = min(limit, max(min_size, hi - lo))
+        size = min(limit, max(min_size, hi - lo, math.ceil(longest / MAX_ASPECT)))
         centre = (lo + hi) / 2
         start = int(round(min(max(centre - size / 2, 0), limit - size)))
         out.append((start, start + int(round(size))))
@@ -753,6 +769,14 @@ FAMILIES = {  # by config.model_type
 }
 # Any family's: text is checked before a model is known (records, requests), so against every family's tokens.
 VISION_TOKENS = tuple(dict.fromkeys(t for family in FAMILIES.values() for t in family.vision_tokens))
+TURN_TOKENS = ("<|im_start|>", "<|im_end|>")  # the chat template's turn markers (all four families)
+
+
+def special_token_in(text):
+    """The first vision special token or turn marker in text that a person or a model wrote, else None. A
+    vision token would tokenize to an image placeholder (image tokens would stop matching features), a turn
+    marker would end the turn early: a question, answer, response or request may hold neither."""
+    return next((t for t in VISION_TOKENS + TURN_TOKENS if t in text), None)
 
 
 def resolve_box_format(args):
@@ -796,10 +820,10 @@ def loading(path, flag="--model"):
         raise DataError(f"{flag} {path}: cannot load it ({reason})") from None
 
 
-def load_processor(path):
+def load_processor(path, flag="--model"):
     """AutoProcessor where it works; without torchvision (CPU machines) Qwen's video processor cannot be
     built, so construct the processor from tokenizer + PIL image processor with no video processor."""
-    with loading(path):
+    with loading(path, flag):
         return _load_processor(path)
 
 
@@ -847,11 +871,11 @@ def resolve_dtype(name):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_model(path, dtype=torch.float32, attn="sdpa", adapter=None, adapter_trainable=False):
+def load_model(path, dtype=torch.float32, attn="sdpa", adapter=None, adapter_trainable=False, flag="--model"):
     """A FAMILIES model through the Auto class; optionally a PEFT adapter on top, refused when it records
-    another base (check_adapter_base)."""
+    another base (check_adapter_base). flag: the option that named path, for errors."""
     from transformers import AutoModelForImageTextToText
-    with loading(path):
+    with loading(path, flag):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     if adapter:
         from peft import PeftModel
@@ -878,8 +902,13 @@ def check_adapter_base(adapter, model_dir):
     record = os.path.join(adapter, "adapter_base.json")
     if not os.path.exists(record) or not os.path.isdir(model_dir):
         return
-    with open(record) as f:
-        recorded = json.load(f)
+    try:
+        with open(record) as f:
+            recorded = json.load(f)
+        recorded["fingerprint"], recorded["base_model"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"--adapter {adapter}: unreadable adapter_base.json ({type(e).__name__}: {e}); our "
+                        "stages write it with the adapter") from None
     actual = weights_fingerprint(model_dir)
     if actual != recorded["fingerprint"]:
         raise DataError(f"--adapter {adapter} was trained on {recorded['base_model']} (weights fingerprint "
@@ -898,6 +927,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise SystemExit(f"{self.prog}: error: {message} (--help lists the flags)")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """An empty value is refused wherever the flag's default is not itself empty: `--out ""` or
+        `--output_dir ""` would otherwise name the working directory."""
+        parsed, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(parsed, action.dest, None)
+            if action.option_strings and isinstance(value, str) and not value.strip() and action.default != value:
+                self.error(f"{action.option_strings[0]} is empty")
+        return parsed, rest
+
+
+def regex(text):
+    """An argparse type: a pattern re compiles (PEFT reads a string target_modules as a full-match regex)."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({e})") from None
+    return text
+
 
 def bounded(kind, low=None, high=None, open_low=False, open_high=False):
     """An argparse type: a `kind` number in a range, so a bad flag value is refused before any model loads."""
@@ -908,8 +956,8 @@ def bounded(kind, low=None, high=None, open_low=False, open_high=False):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) \
                 or (high is not None and (value >= high if open_high else value > high)):
-            lo = "-inf" if low is None else f"{low:g}"
-            hi = "inf" if high is None else f"{high:g}"
+            lo = "-inf" if low is None else f"{low:{'d' if kind is int else 'g'}}"
+            hi = "inf" if high is None else f"{high:{'d' if kind is int else 'g'}}"
             raise argparse.ArgumentTypeError(f"{text} is outside {'(' if open_low or low is None else '['}{lo}, "
                                              f"{hi}{')' if open_high or high is None else ']'}")
         return value
@@ -917,7 +965,7 @@ def bounded(kind, low=None, high=None, open_low=False, open_high=False):
     return parse
 
 
-POSITIVE_INT, COUNT = bounded(int, 1), bounded(int, 0)
+POSITIVE_INT, COUNT, SEED = bounded(int, 1), bounded(int, 0), bounded(int, 0, 2**32 - 1 - 64)  # seed + rank
 POSITIVE, NONNEGATIVE, FRACTION = bounded(float, 0, open_low=True), bounded(float, 0), bounded(float, 0, 1)
 
 
@@ -938,7 +986,7 @@ def add_finetune_args(parser):
     g.add_argument("--lora_r", type=POSITIVE_INT, default=8, help="LoRA rank")
     g.add_argument("--lora_alpha", type=POSITIVE_INT, default=16, help="LoRA alpha")
     g.add_argument("--lora_dropout", type=bounded(float, 0, 1, open_high=True), default=0.0, help="LoRA dropout")
-    g.add_argument("--lora_targets", default=None,
+    g.add_argument("--lora_targets", type=regex, default=None,
                    help="regex of module names that get LoRA (default: the language model's linear layers, "
                         "FAMILIES[...].lora_targets)")
     g.add_argument("--train_vision", action="store_true",
@@ -954,9 +1002,12 @@ def prepare_for_training(model, args):
             for p in model.parameters():
                 p.requires_grad_(False)
             targets = args.lora_targets or family_of(model).lora_targets
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                     lora_dropout=args.lora_dropout,
-                                                     target_modules=targets, task_type="CAUSAL_LM"))
+            try:
+                model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                         lora_dropout=args.lora_dropout,
+                                                         target_modules=targets, task_type="CAUSAL_LM"))
+            except ValueError as e:  # PEFT: "Target modules ... not found in the base model"
+                raise DataError(f"--lora_targets {targets!r}: {str(e).splitlines()[0]}") from None
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(args.train_vision or not is_vision_param(name))
@@ -997,9 +1048,9 @@ class Example:
         """calls, views: a zoom trace's earlier model turns (each a zoom call's text) and the view each one
         opened (a crop box of the original image), shown after it as a tool turn."""
         for text in ([response] if response is not None else []) + list(calls):
-            if any(t in text for t in VISION_TOKENS):
-                # It would tokenize to vision placeholders, and image tokens would stop matching features.
-                raise DataError(f"record {rec.get('id')!r}: response contains a vision special token: {text!r}")
+            if special_token_in(text):
+                raise DataError(f"record {rec.get('id')!r}: response holds the special token {special_token_in(text)} "
+                                f"(common.special_token_in): {text!r}")
         self.rec, self.image_root, self.messages, self.response, self.crop = rec, image_root, messages, response, crop
         self.calls, self.views = list(calls), list(views)
         self.n_tokens = self.n_labels = None  # sequence and label lengths, when a stage measures them
@@ -1521,7 +1572,7 @@ def add_runtime_args(parser):
     g.add_argument("--output_dir", required=True, help="where checkpoints, metrics and the final model go")
     g.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (e.g. configs/zero2.json)")
     g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
-    g.add_argument("--seed", type=int, default=42, help="seed for data order, init and sampling")
+    g.add_argument("--seed", type=SEED, default=42, help="seed for data order, init and sampling")
     g.add_argument("--lr", type=POSITIVE, default=1e-4, help="peak learning rate")
     g.add_argument("--min_lr_ratio", type=FRACTION, default=0.0, help="cosine decays to lr * this")
     g.add_argument("--weight_decay", type=NONNEGATIVE, default=0.0, help="AdamW weight decay")
@@ -1545,8 +1596,8 @@ class Runtime:
     process group, device, wrapped model, optimizer and cosine schedule, backward/step with accumulation and
     clipping, and checkpoints. The loop itself stays in the stage script."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, stage):
+        self.args, self.stage = args, stage  # the stage's name is written into its checkpoints (resolve_resume)
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1561,6 +1612,7 @@ class Runtime:
                 local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or self.world)
                 torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.use_deepspeed = bool(args.deepspeed)
+        self.ds_config = self._deepspeed_config() if self.use_deepspeed else None  # read before any process group
         if self.use_deepspeed:
             import deepspeed
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -1570,7 +1622,6 @@ class Runtime:
         # The same seed on every rank while the model is built (LoRA init must agree across ranks, ZeRO-3
         # partitions whatever each rank holds); setup() then gives each rank its own stream for dropout.
         seed_everything(args.seed)
-        self.ds_config = self._deepspeed_config() if self.use_deepspeed else None
         self._hf_ds = None
         if self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
             # Tells from_pretrained to partition weights as they load (a 7B model never sits whole on a rank).
@@ -1579,8 +1630,15 @@ class Runtime:
 
     def _deepspeed_config(self):
         a = self.args
-        with open(a.deepspeed) as f:
-            cfg = json.load(f)
+        try:
+            with open(a.deepspeed) as f:
+                cfg = json.load(f)
+        except OSError as e:
+            raise DataError(f"--deepspeed {a.deepspeed}: {e.strerror}") from None
+        except (UnicodeDecodeError, ValueError) as e:
+            raise DataError(f"--deepspeed {a.deepspeed}: not a JSON config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise DataError(f"--deepspeed {a.deepspeed}: not a JSON object")
         dtype = resolve_dtype(a.dtype)
         fill = {"train_micro_batch_size_per_gpu": a.batch_size, "gradient_accumulation_steps": a.grad_accum,
                 "train_batch_size": a.batch_size * a.grad_accum * self.world,
@@ -1765,7 +1823,8 @@ def step_counts(n_items, args, world, what):
     """(global batch, steps per epoch, total steps) of a stage over n_items training items."""
     global_batch = args.batch_size * args.grad_accum * world
     if n_items < global_batch:
-        raise SystemExit(f"{n_items} usable {what}, fewer than one global batch of {global_batch}")
+        raise DataError(f"{n_items} usable {what}, fewer than one global batch of {global_batch} (--batch_size "
+                        f"{args.batch_size} x --grad_accum {args.grad_accum} x {world} rank(s))")
     steps_per_epoch = n_items // global_batch
     return global_batch, steps_per_epoch, args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
 
@@ -1799,6 +1858,8 @@ def save_checkpoint(rt, processor, out_dir, step, extra=None):
         if not rt.use_deepspeed:
             state.update(optimizer=rt.optimizer.state_dict(), scheduler=rt.scheduler.state_dict())
         torch.save(state, os.path.join(tmp, "training_state.pt"))
+        with open(os.path.join(tmp, CHECKPOINT_INFO), "w") as f:  # what --resume checks before loading anything
+            json.dump({"stage": rt.stage, "finetune": rt.args.finetune, "step": step}, f)
     # Every rank's RNG: dropout and sampling continue as if never stopped.
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rt.rank}.pt"))
     rt.barrier()
@@ -1977,11 +2038,9 @@ def claim_output_dir(args):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def claim_output_file(path, flag, inputs, overwrite, companions=()):
-    """Make an output file that a stage writes whole at its end (filter_pairs' pairs, eval's report) this run's
-    own before any work: neither it nor a companion written beside it is one of the run's inputs (writing it
-    would destroy the input), an existing one is replaced only with `overwrite`, and a lock (PATH.lock) refuses
-    a second run on it while this one lives."""
+def check_not_input(path, flag, inputs, companions=()):
+    """Neither an output file nor a companion written beside it is one of the run's inputs (writing it would
+    destroy the input), and the output is not a directory."""
     for out in (path, *companions):
         for given in inputs:
             if os.path.abspath(given) == os.path.abspath(out) or (
@@ -1991,9 +2050,30 @@ def claim_output_file(path, flag, inputs, overwrite, companions=()):
     if os.path.isdir(path):
         raise DataError(f"{flag} {path}: a directory, not a file")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def claim_output_file(path, flag, inputs, overwrite, companions=()):
+    """Make an output file that a stage writes whole at its end (filter_pairs' pairs, eval's report) this run's
+    own before any work: not an input (check_not_input), an existing one replaced only with `overwrite`, and a
+    lock (PATH.lock) refuses a second run on it while this one lives."""
+    check_not_input(path, flag, inputs, companions)
     hold_lock(path + ".lock", f"{flag} {path}")
     if os.path.exists(path) and not overwrite:
         raise DataError(f"{flag} {path} exists: --overwrite replaces it, or write elsewhere")
+
+
+def claim_appended_output(path, flag, inputs, made_by, stamp_path=None):
+    """Make an output that a stage appends to as it goes, and that a rerun resumes (infer's answers, gen_pairs'
+    candidates), this run's own: not an input (check_not_input), a lock (PATH.lock) held, and a stamp of what
+    made it (weights, settings, the data it answers) checked against this run's. A file there without a stamp
+    is not an earlier run's output (another stage's, or a data file): appending to it would mix the two."""
+    check_not_input(path, flag, inputs)
+    hold_lock(path + ".lock", f"{flag} {path}")
+    stamp_path = stamp_path or path + ".made_by.json"
+    if os.path.exists(path) and os.path.getsize(path) and not os.path.exists(stamp_path):
+        raise DataError(f"{flag} {path} exists and is no earlier run's output (no {stamp_path} beside it): "
+                        "write elsewhere")
+    check_made_by(stamp_path, made_by)
 
 
 def prune_checkpoints(out_dir, keep):
@@ -2008,16 +2088,41 @@ def checkpoint_steps(out_dir):
     return [int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
 
 
-def resolve_resume(args):
+CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune and step
+
+
+def resolve_resume(args, stage, total_steps):
     """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none); a directory
-    given by name must be a checkpoint."""
+    given by name must be a checkpoint. Either must be this stage's, trained with this --finetune, and short
+    of total_steps (its optimizer state would not fit another stage's or mode's parameters, and a finished run
+    has nothing left to train)."""
     if args.resume != "latest":
         if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
             raise DataError(f"--resume {args.resume}: not a checkpoint (no training_state.pt); give a checkpoint-N "
                             "directory of this stage's --output_dir, or 'latest'")
-        return args.resume
-    steps = checkpoint_steps(args.output_dir)
-    return os.path.join(args.output_dir, f"checkpoint-{max(steps)}") if steps else None
+        ckpt = args.resume
+    else:
+        steps = checkpoint_steps(args.output_dir)
+        if not steps:
+            return None
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{max(steps)}")
+    info_path = os.path.join(ckpt, CHECKPOINT_INFO)
+    if os.path.exists(info_path):
+        try:
+            with open(info_path) as f:
+                info = json.load(f)
+            saved_stage, saved_finetune, saved_step = info["stage"], info["finetune"], int(info["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"--resume {ckpt}: unreadable {CHECKPOINT_INFO} ({e})") from None
+        if saved_stage != stage:
+            raise DataError(f"--resume {ckpt}: a checkpoint of {saved_stage}, not of {stage}")
+        if saved_finetune != args.finetune:
+            raise DataError(f"--resume {ckpt}: trained with --finetune {saved_finetune}, this run has --finetune "
+                            f"{args.finetune}")
+        if saved_step >= total_steps:
+            raise DataError(f"--resume {ckpt}: at step {saved_step}, and this run ends at step {total_steps}: "
+                            "nothing left to train (a larger --max_steps or more epochs continues it)")
+    return ckpt
 
 
 def start_step(rt, ckpt, *logs):

@@ -34,6 +34,7 @@ virft-cls     accuracy. --match virft (default), Visual-RFT's published rule: th
 grounding     one box per record: acc (IoU > 0.5), mIoU, mean gIoU, cIoU (cumulative intersection / union).
 chain         our records through the two-step chain: the box metrics of grounding plus the answer score.
 """
+import contextlib
 import json
 import os
 import re
@@ -181,6 +182,27 @@ def record_id(row):
     return row.get("id", row.get("question_id"))
 
 
+def answered_once(questions, preds, key):
+    """(questions no prediction line answers, lines that repeat a question already answered): the published
+    Visual-CoT scorers score every line, so a repeated line counts twice there too; these say when it did."""
+    asked = {key(q) for q in questions}
+    answered = [key(p) for p in preds]
+    return len(asked - set(answered)), len(answered) - len(set(answered))
+
+
+def matched_predictions(records, preds, paths):
+    """Predictions by id for records whose ids are unique: a repeated question id, or a prediction id that
+    names no question (predictions of another file), is an error naming the files."""
+    by_key(records, record_id, paths[0])
+    by_id = by_key(preds, record_id, paths[1])
+    known = {record_id(r) for r in records}
+    unknown = [k for k in by_id if k not in known]
+    if unknown:
+        raise common.DataError(f"{paths[1]}: {len(unknown)} prediction ids name no question of {paths[0]} (first: "
+                               f"{unknown[0]!r}): predictions of another file?")
+    return by_id
+
+
 # --------------------------------------------------------------------------------------- viscot-det
 
 def viscot_det_box(text, w, h):
@@ -220,7 +242,8 @@ def score_viscot_det(questions, preds, args, paths):
     parse = viscot_det_box if args.parser == "viscot" else lenient_det_box
     if preds and all(all(k in p for k in ("bbox", "height", "width")) for p in preds):
         items = [(p.get("question_id"), p["bbox"], p["width"], p["height"], p.get("text")) for p in preds]
-        matched_by, missing = "prediction lines (carry bbox/height/width, as Visual-CoT's answer files)", 0
+        matched_by = "prediction lines (carry bbox/height/width, as Visual-CoT's answer files)"
+        missing, repeated = answered_once(questions, preds, lambda r: r.get("question_id"))
     else:
         by_id = by_key(preds, lambda p: p.get("question_id"), ppath)
         qs = by_key(questions, lambda q: q.get("question_id"), qpath)
@@ -229,7 +252,7 @@ def score_viscot_det(questions, preds, args, paths):
             raise common.DataError(f"{ppath}: question_id {unknown[0]!r} is not in {qpath}")
         items = [(k, q["bbox"], q["width"], q["height"], by_id[k].get("text") if k in by_id else MISSING)
                  for k, q in qs.items()]
-        matched_by, missing = "question_id", sum(k not in by_id for k in qs)
+        matched_by, missing, repeated = "question_id", sum(k not in by_id for k in qs), 0
     rows, correct, unparsable = [], 0, 0
     for qid, bbox, w, h, text in items:
         _, dx, dy = common.square_frame(w, h)  # Visual-CoT's expand2square shift
@@ -243,7 +266,7 @@ def score_viscot_det(questions, preds, args, paths):
                      "iou": iou if iou == iou else None, "correct": bool(ok)})  # NaN is not JSON
     total = len(items)
     metrics = {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total,
-               "unparsable": unparsable, "missing": missing}
+               "unparsable": unparsable, "missing": missing, "repeated": repeated}
     if questions and matched_by.startswith("prediction") and len(preds) != len(questions):
         metrics["warning"] = f"{len(preds)} prediction lines for {len(questions)} questions"
     return metrics, rows, {"matched_by": matched_by}
@@ -263,6 +286,8 @@ class Judge:
         self.kind = args.judge
         self.name = {"rule": f"rule:{args.rule_metric}", "http": f"http:{args.judge_model}",
                      "model": f"model:{args.judge_model}"}[self.kind]
+        if self.kind == "model":
+            common.check_model_path(args.judge_model, "--judge_model")
         self.cache_path = args.out + ".judge_cache.jsonl"
         self.cache = {}
         if self.kind != "rule":
@@ -327,8 +352,9 @@ class Judge:
 
     def _model(self, todo, cache_file):
         if self.model is None:
-            self.processor = common.load_processor(self.args.judge_model)
-            self.model = common.load_model(self.args.judge_model, common.resolve_dtype(self.args.dtype)).eval()
+            self.processor = common.load_processor(self.args.judge_model, "--judge_model")
+            self.model = common.load_model(self.args.judge_model, common.resolve_dtype(self.args.dtype),
+                                           flag="--judge_model").eval()
             if torch.cuda.is_available():
                 self.model.cuda()
         bs = self.args.batch_size
@@ -363,8 +389,8 @@ def score_viscot_answer(questions, preds, args, paths, judge):
     verdicts = judge.score(triples)
     rows = [{"question_id": p["question_id"], "answer": t[2], "reference": t[1], **v}
             for p, t, v in zip(preds, triples, verdicts)]
-    metrics = {"total": len(preds), "missing": len(qs) - len({p["question_id"] for p in preds}),
-               **judge_summary(verdicts)}
+    missing, repeated = answered_once(questions, preds, lambda r: r.get("question_id"))
+    metrics = {"total": len(preds), "missing": missing, "repeated": repeated, **judge_summary(verdicts)}
     return metrics, rows, {"judge": judge.name}
 
 
@@ -589,7 +615,7 @@ def score_virft_cls(records, preds, args, paths):
     """Accuracy by --match: virft (Visual-RFT's published rule; no single-line <answer> match is wrong and
     counted as unparsable, and empty_answer_correct counts the verdicts its empty-answer quirk decided) or
     exact (common.normalize_class_label equal and non-empty)."""
-    by_id = by_key(preds, record_id, paths[1])
+    by_id = matched_predictions(records, preds, paths)
     rows, counts = [], {"correct": 0, "unparsable": 0, "empty_answer_correct": 0}
     for rec in records:
         label = class_label(rec.get("solution") or rec.get("answer") or "", args.match)
@@ -653,7 +679,7 @@ def with_size(records, image_root):
 
 
 def score_grounding(records, preds, args, paths):
-    by_id = by_key(preds, record_id, paths[1])
+    by_id = matched_predictions(records, preds, paths)
     records = with_size(records, args.image_root or os.path.dirname(os.path.abspath(paths[0])))
     for i, rec in enumerate(records, 1):
         if rec.get("bbox") is None:
@@ -708,7 +734,7 @@ def model_records(protocol, questions, qpath):
                                                 "text": row["box_text"], "bbox": rec["q"]["bbox"],
                                                 "height": rec["q"]["height"], "width": rec["q"]["width"]}
     if protocol == "viscot-answer":
-        recs = convert_viscot.convert_benchmark(questions, {}, None, qpath)
+        recs = [rec for _, rec in convert_viscot.convert_benchmark(questions, {}, None, qpath)]
         return recs, "chain", lambda row, rec: {"question_id": rec["question_id"], "prompt": row["question"],
                                                 "text": row["answer"], "box_text": row["box_text"]}
     if protocol == "virft-det":
@@ -730,19 +756,33 @@ def model_records(protocol, questions, qpath):
     return questions, protocol, lambda row, rec: row
 
 
+@contextlib.contextmanager
+def fields_read(protocol, *paths):
+    """A question or prediction row without a field the protocol reads, or with one of another type, is a
+    one-line error naming the files and the field (the scorers read the published formats as they are)."""
+    try:
+        yield
+    except common.DataError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+        raise common.DataError(f"{' / '.join(paths)}: a row lacks a field the {protocol} protocol reads, or holds "
+                               f"one of another type ({type(e).__name__}: {e})") from None
+
+
 def run_model(model, processor, args, protocol, questions, qpath, pred_path):
     """Run infer.py's code on the questions (resumable), then write the protocol-format predictions."""
     import infer
-    records, mode, to_prediction = model_records(protocol, questions, qpath)
+    with fields_read(protocol, qpath):
+        records, mode, to_prediction = model_records(protocol, questions, qpath)
     raw_path = pred_path[:-len(".jsonl")] + ".infer.jsonl"
     image_root = args.image_root or os.path.dirname(os.path.abspath(qpath))
     # Predictions resume across runs; ones made by another model or other settings must not be mixed in.
-    _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, args.batch_size,
-                                  made_by=dict(common.model_stamp(args), mode=mode, box_format=args.box_format,
-                                               prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens,
-                                               **({"max_turns": args.max_turns, "max_context": args.max_context}
-                                                  if mode == "zoom" else {})),
-                                  mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
+    made_by = dict(common.model_stamp(args), mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
+                   max_new_tokens=args.max_new_tokens, data=os.path.abspath(qpath),
+                   image_root=os.path.abspath(image_root),
+                   **({"max_turns": args.max_turns, "max_context": args.max_context} if mode == "zoom" else {}))
+    _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, made_by, args.questions,
+                                  args.batch_size, mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
                                   max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
                                   max_context=args.max_context)
     if errors:
@@ -754,7 +794,7 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
 
 # ------------------------------------------------------------------------------------------- report
 
-SUMMED = ("correct", "total", "unparsable", "missing", "n", "predictions", "detections", "judge_unparsable",
+SUMMED = ("correct", "total", "unparsable", "missing", "repeated", "n", "predictions", "detections", "judge_unparsable",
           "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls", "max_turns_hit",
           "context_hit")
 COLUMNS = {
@@ -783,13 +823,35 @@ def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def check_outputs(args, items_path, pred_dir):
+    """The report may replace only an earlier report (a re-score), never an input or another file; the
+    datasets, named by their files, are distinct (one would overwrite the other's scores and predictions)."""
+    common.claim_output_file(args.out, "--out", [*args.questions, *(args.predictions or [])], overwrite=True,
+                             companions=[items_path])
+    if os.path.exists(args.out):
+        try:
+            with open(args.out, encoding="utf-8") as f:
+                earlier = json.load(f)
+        except (UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"protocol", "label"} <= earlier.keys()):
+            raise common.DataError(f"--out {args.out} exists and is not an eval.py report: write elsewhere")
+    names = {}
+    for qpath in args.questions:
+        if dataset_name(qpath) in names:
+            raise common.DataError(f"--questions {names[dataset_name(qpath)]} and {qpath} are both dataset "
+                                   f"{dataset_name(qpath)!r} (named by the file): rename one")
+        names[dataset_name(qpath)] = qpath
+    if args.model and os.path.exists(pred_dir) and not os.path.isdir(pred_dir):
+        raise common.DataError(f"--predictions_dir {pred_dir}: a file, not a directory")
+
+
 def main(argv=None):
     args = parse_args(argv)
     items_path = os.path.splitext(args.out)[0] + ".items.jsonl"
-    common.claim_output_file(args.out, "--out", [*args.questions, *(args.predictions or [])], overwrite=True,
-                             companions=[items_path])  # a re-score rewrites the report; an input is never written over
-    judge = Judge(args) if args.protocol in ("viscot-answer", "chain", "zoom") else None
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
+    check_outputs(args, items_path, pred_dir)
+    judge = Judge(args) if args.protocol in ("viscot-answer", "chain", "zoom") else None
     per_dataset, settings, items = {}, {}, []
     if args.model:
         common.check_model_args(args)
@@ -802,19 +864,20 @@ def main(argv=None):
         name = dataset_name(qpath)
         questions = load_questions(args.protocol, qpath)
         if args.model:
-            os.makedirs(pred_dir, exist_ok=True)
             ppath = os.path.join(pred_dir, f"{args.protocol}_{name}.jsonl")
             run_model(model, processor, args, args.protocol, questions, qpath, ppath)
         else:
             ppath = args.predictions[i]
         preds = common.read_jsonl(ppath) if args.model else [row for _, row in common.input_rows(ppath, "predictions")]
-        scorer = {"viscot-det": score_viscot_det, "virft-det": score_virft_det, "virft-cls": score_virft_cls,
-                  "grounding": score_grounding}.get(args.protocol)
-        if scorer:
-            metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath))
-        else:
-            scorer = {"viscot-answer": score_viscot_answer, "chain": score_chain, "zoom": score_zoom}[args.protocol]
-            metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath), judge)
+        with fields_read(args.protocol, qpath, ppath):
+            scorer = {"viscot-det": score_viscot_det, "virft-det": score_virft_det, "virft-cls": score_virft_cls,
+                      "grounding": score_grounding}.get(args.protocol)
+            if scorer:
+                metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath))
+            else:
+                scorer = {"viscot-answer": score_viscot_answer, "chain": score_chain,
+                          "zoom": score_zoom}[args.protocol]
+                metrics, rows, extra = scorer(questions, preds, args, (qpath, ppath), judge)
         per_dataset[name] = metrics
         settings.update(extra)
         items += [dict(row, dataset=name) for row in rows]

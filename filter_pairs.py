@@ -54,9 +54,15 @@ def check_question(q, where):
             common.finite_number(c.get(score), f"{where}: question {q['id']!r}: candidate {k}", score, 0, 1,
                                  allow_none=True)
         if c.get("s_R") is not None and c.get("s_B") is not None:
+            at = f"{where}: question {q['id']!r}: scored candidate {k}"
             for key in ("box_text", "answer", "crop", "box"):
                 if key not in c:
-                    raise common.DataError(f"{where}: question {q['id']!r}: scored candidate {k} lacks '{key}'")
+                    raise common.DataError(f"{at} lacks '{key}'")
+            if not isinstance(c["box_text"], str) or not (c["answer"] is None or isinstance(c["answer"], str)):
+                raise common.DataError(f"{at}: box_text must be a string and answer a string or null")
+            for key in ("crop", "box"):  # null: the box did not parse
+                if c[key] is not None:
+                    common.check_box(c[key], f"{at}: {key}", q["width"], q["height"])
 
 
 def select_pair(candidates, args):
@@ -111,14 +117,17 @@ def main(argv=None):
             dropped[rule] += 1
         else:
             pairs.append(pair_row(q, *pair))
+    print("| rule | questions dropped |\n|---|---|")
+    for rule in RULES:
+        print(f"| {rule} | {dropped[rule]} |")
+    if not pairs:  # rl_stage1/2 would refuse the empty file; say why here, and write nothing
+        raise common.DataError(f"none of the {len(questions)} questions passed the rules (table above): no pairs "
+                               "to write; more candidates per question or other thresholds")
     common.write_jsonl(args.out, pairs)
     if args.grpo_out:
         common.write_jsonl(args.grpo_out, [{"id": q["id"], "image": q["image"], "problem": q["question"],
                                             "solution": f"<answer>{q['answer']}</answer>", "bbox": q.get("bbox")}
                                            for q in questions])
-    print("| rule | questions dropped |\n|---|---|")
-    for rule in RULES:
-        print(f"| {rule} | {dropped[rule]} |")
     print(f"filter_pairs.py: {len(questions)} questions -> {len(pairs)} pairs -> {args.out}")
 
 

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
     g.add_argument("--batch_size", type=common.POSITIVE_INT, default=8,
                    help="questions per batch (x 2 x attempts sequences)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r)")
+    g.add_argument("--seed", type=common.SEED, default=0, help="sampling seed (rank r uses seed + r)")
     j = parser.add_argument_group("judge")
     j.add_argument("--judge", default="rule", choices=["rule", "model", "http"], help="who scores candidates")
     j.add_argument("--rule_metric", default="f1", choices=sorted(common.RULE_JUDGES),
@@ -155,8 +155,9 @@ class Judge:
         self.name = {"rule": f"rule:{args.rule_metric}", "model": f"model:{args.judge_model}",
                      "http": f"http:{args.judge_model}"}[args.judge]
         if args.judge == "model":
-            self.model_processor = common.load_processor(args.judge_model)
-            self.model = common.load_model(args.judge_model, common.resolve_dtype(args.dtype), args.attn).eval()
+            self.model_processor = common.load_processor(args.judge_model, "--judge_model")
+            self.model = common.load_model(args.judge_model, common.resolve_dtype(args.dtype), args.attn,
+                                           flag="--judge_model").eval()
             self.model.to(policy.device)
 
     def score(self, items):
@@ -347,19 +348,22 @@ def main(argv=None):
     rng = random.Random(args.seed + rank)
     records = common.read_records(args.data)
     common.check_model_args(args)
+    if args.judge == "model":
+        common.check_model_path(args.judge_model, "--judge_model")
     common.resolve_box_format(args)
     out_path = shard_path(args.out, rank, world)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    common.hold_lock(out_path + ".lock", f"--out {out_path}")  # a second run on it would write every id twice
+    image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "image_root", "out", "batch_size",
+                                                                  "judge_workers", "judge_retries", "dtype", "attn")}
+    made_by = dict(settings, **common.model_stamp(args), data=os.path.abspath(args.data),
+                   image_root=os.path.abspath(image_root))
+    # Each rank appends to its own shard (the merged file when alone); the stamp is the run's, beside --out.
+    common.claim_appended_output(out_path, "--out", [args.data], made_by, stamp_path=args.out + ".made_by.json")
     processor = common.load_processor(args.model)
     model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
     if torch.cuda.is_available():
         model.to(f"cuda:{local_rank}")
     judge = Judge(args, model, processor)
-    image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    settings = {k: v for k, v in vars(args).items() if k not in ("data", "image_root", "out", "batch_size",
-                                                                  "judge_workers", "judge_retries", "dtype", "attn")}
-    common.check_made_by(args.out + ".made_by.json", dict(settings, **common.model_stamp(args)))
     if os.path.exists(f"{args.out}.rank{rank}.done"):
         os.remove(f"{args.out}.rank{rank}.done")
     done = finished_ids(args.out)

@@ -350,13 +350,20 @@ REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence":
            "cls": cls_reward, "cls_virft": cls_virft_reward, "grounding_giou": grounding_giou_reward,
            "grounding_iou": grounding_iou_reward, "answer": answer_reward, "zoom_used": zoom_used_reward,
            "zoom_tool": zoom_tool_reward}
+# The record fields each reward reads (one of them must be given): read_prompts checks every record up front,
+# so a reward that does not fit the data is refused by name instead of failing at its first step.
+REWARD_FIELDS = {"det_iou": ("solution",), "det_confidence": ("solution",), "det_iou_strict": ("solution",),
+                 "det_confidence_strict": ("solution",), "cls": ("solution", "answer"),
+                 "cls_virft": ("solution", "answer"), "grounding_giou": ("bbox", "solution"),
+                 "grounding_iou": ("bbox", "solution"), "answer": ("answer", "solution"),
+                 "zoom_tool": ("answer", "solution")}
 
 
 # ------------------------------------------------------------------------------------------------ data
 
-def read_prompts(path, image_root, task):
-    """Prompt records, checked for what the task's rewards need, ids unique, every image decoded and checked
-    against its record (common.check_images); errors name file and line, or the record."""
+def read_prompts(path, image_root, task, rewards=()):
+    """Prompt records, checked for what the task and its rewards need, ids unique, every image decoded and
+    checked against its record (common.check_images); errors name file and line, or the record."""
     need = {"detection": ("solution",), "classification": ("solution", "answer"),
             "grounding": ("bbox", "solution"), "focus": ("answer", "solution"), "zoom": ("answer", "solution")}[task]
     prompts, seen = [], {}
@@ -365,8 +372,15 @@ def read_prompts(path, image_root, task):
         text = rec.get("problem") if "problem" in rec else rec.get("question")
         if not isinstance(rec.get("image"), str) or not isinstance(text, str) or not text.strip():
             raise common.DataError(f"{where}: needs 'image' and a non-empty 'problem' or 'question'")
+        for key in ("answer", "solution"):  # a number here would be read as no answer: every reward 0
+            if rec.get(key) is not None and not (isinstance(rec[key], str) and rec[key].strip()):
+                raise common.DataError(f"{where}: '{key}' must be a non-empty string, got {rec[key]!r}")
         if not any(rec.get(k) is not None for k in need):
             raise common.DataError(f"{where}: the {task} task needs '{' or '.join(need)}'")
+        for name in rewards:
+            if REWARD_FIELDS.get(name) and not any(rec.get(k) is not None for k in REWARD_FIELDS[name]):
+                raise common.DataError(f"{where}: the {name} reward (--rewards) reads "
+                                       f"'{' or '.join(REWARD_FIELDS[name])}', which this record lacks")
         if rec.get("bbox") is not None:
             common.validate_record(dict(rec, question=text, answer="-", id=str(rec.get("id", lineno))), where)
         rec = dict(rec, id=str(rec.get("id", f"line{lineno}")))
@@ -655,10 +669,10 @@ def main(argv=None):
         args.image_root = os.path.dirname(os.path.abspath(args.data))
     common.check_model_args(args)
     common.resolve_box_format(args)
-    rt = Runtime(args)
+    rt = Runtime(args, "grpo")
     processor = common.load_processor(args.model)
-    prompts = read_prompts(args.data, args.image_root, args.task)
-    eval_prompts = read_prompts(args.eval_data, args.image_root, args.task) if args.eval_data else []
+    prompts = read_prompts(args.data, args.image_root, args.task, args.rewards)
+    eval_prompts = read_prompts(args.eval_data, args.image_root, args.task, args.rewards) if args.eval_data else []
     if args.box_format == "qwen25":  # its pixel frame is the processor's resized image
         for p in prompts + eval_prompts:
             p["rec"]["resized_hw"] = common.smart_resize_hw(processor, p["rec"]["width"], p["rec"]["height"])
@@ -667,7 +681,7 @@ def main(argv=None):
     G = args.num_generations
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(prompts), args, rt.world, "prompts")
 
-    ckpt = common.resolve_resume(args) if args.resume else None
+    ckpt = common.resolve_resume(args, "grpo", total_steps) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     samples = common.MetricsLog(os.path.join(args.output_dir, "samples.jsonl"), rt.is_main)

@@ -31,7 +31,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 import common
 
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
     g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--temperature", type=common.POSITIVE, default=1.0, help="sampling temperature (with --do_sample)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--seed", type=common.SEED, default=0, help="sampling seed")
     g.add_argument("--max_pixels", type=common.POSITIVE_INT, default=None,
                    help="the processor's largest resized image in pixels (default: the checkpoint's own)")
     s = parser.add_argument_group("server")
@@ -87,6 +87,8 @@ def parse_args(argv=None):
         parser.error("--data needs --out")
     if args.image and not args.question:
         parser.error("--image needs --question")
+    if args.question and common.special_token_in(args.question):
+        parser.error(f"--question holds the special token {common.special_token_in(args.question)}")
     return args
 
 
@@ -172,16 +174,14 @@ def step(model, processor, examples, images, features, gen):
             for text, r in zip(texts, results)]
 
 
-def run_file(model, processor, records, image_root, out_path, batch_size=16, show_progress=True, made_by=None,
+def run_file(model, processor, records, image_root, out_path, made_by, inputs, batch_size=16, show_progress=True,
              **chain_kw):
     """Answer every record not yet in out_path, appending one line per record as each batch finishes; a
     second run on the same out_path is refused while this one lives (it would answer every record twice), and
-    so is a rerun with other weights or settings (`made_by`, stamped next to the file: the rows would mix).
+    so is a rerun with other weights, settings or data (`made_by`, stamped next to the file: the rows would
+    mix), or an out_path that is one of the `inputs` or no earlier run's output (common.claim_appended_output).
     Returns (rows written now, rows already there, records whose image failed to load)."""
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    common.hold_lock(out_path + ".lock", f"output {out_path}")
-    if made_by:
-        common.check_made_by(out_path + ".made_by.json", made_by)
+    common.claim_appended_output(out_path, "--out", inputs, made_by)
     done = {row.get("id") for row in common.resume_jsonl(out_path)}
     todo = [rec for rec in records if rec["id"] not in done]
     errors_path = out_path + ".errors.jsonl"
@@ -250,7 +250,12 @@ def decode_image(url, image_dir, max_pixels=4096 * 4096):
             if im.size[0] * im.size[1] > max_pixels:
                 raise RequestError(413, f"image of {im.size[0]}x{im.size[1]} pixels exceeds the server's "
                                         f"--max_image_pixels ({max_pixels})", "messages")
+            if max(im.size) > common.MAX_ASPECT * min(im.size):
+                raise RequestError(400, f"image of {im.size[0]}x{im.size[1]} pixels: a side over "
+                                        f"{common.MAX_ASPECT} times the other, which the processor refuses", "messages")
             return im.convert("RGB")
+    except UnidentifiedImageError:
+        raise RequestError(400, "cannot decode image: not an image format PIL reads", "messages") from None
     except common.IMAGE_ERRORS as e:
         raise RequestError(400, f"cannot decode image: {e}", "messages") from None
 
@@ -267,6 +272,8 @@ def chat_to_messages(messages, image_dir, max_pixels=4096 * 4096):
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         elif isinstance(content, list):
+            if not content:
+                raise RequestError(400, f"messages[{i}]: content is an empty list", "messages")
             parts = []
             for p in content:
                 if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
@@ -278,8 +285,10 @@ def chat_to_messages(messages, image_dir, max_pixels=4096 * 4096):
                     raise RequestError(400, f"messages[{i}]: content parts must be text or image_url", "messages")
         else:
             raise RequestError(400, f"messages[{i}]: content must be a string or a list of parts", "messages")
-        if any(t in p.get("text", "") for p in parts for t in common.VISION_TOKENS):
-            raise RequestError(400, f"messages[{i}] contains a vision special token", "messages")
+        found = next((t for p in parts if (t := common.special_token_in(p.get("text", "")))), None)
+        if found:
+            raise RequestError(400, f"messages[{i}] holds the special token {found} (a vision placeholder or a "
+                                    "turn marker of the chat template)", "messages")
         out.append({"role": m["role"], "content": parts})
     return out, images
 
@@ -317,7 +326,7 @@ class Server:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
                 not 1 <= max_tokens <= self.args.max_tokens_limit:
             raise RequestError(400, f"'max_tokens' must be an integer in 1..{self.args.max_tokens_limit}", "max_tokens")
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
         messages, images = chat_to_messages(body.get("messages"), self.args.image_dir, self.args.max_image_pixels)
         gen = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
@@ -456,7 +465,7 @@ def make_handler(server):
                 return
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
+            except (ValueError, RecursionError) as e:  # RecursionError: deep nesting; ValueError: a 5000-digit int
                 self._error(400, f"request body is not valid JSON: {e}")
                 return
             try:
@@ -465,6 +474,13 @@ def make_handler(server):
                 self._error(e.status, e.message, e.param)
             except Exception as e:  # noqa: BLE001 - the server answers every request, and keeps running
                 self._error(500, f"{type(e).__name__}: {e}")
+
+        def _not_allowed(self):
+            self.close_connection = True  # a body it may carry is not read
+            self._error(405, f"method {self.command} is not allowed: GET /v1/models, /health; POST "
+                             "/v1/chat/completions")
+
+        do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
         def log_message(self, fmt, *a):
             sys.stderr.write("infer.py serve: " + fmt % a + "\n")
@@ -513,10 +529,11 @@ def main(argv=None):
         print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))
         return
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
-    made_by = dict(common.model_stamp(args), **chain_kw, seed=args.seed, max_pixels=args.max_pixels)
+    made_by = dict(common.model_stamp(args), **chain_kw, seed=args.seed, max_pixels=args.max_pixels,
+                   data=os.path.abspath(args.data), image_root=os.path.abspath(image_root))
     t = time.time()
-    written, skipped, errors = run_file(model, processor, records, image_root, args.out, args.batch_size,
-                                        made_by=made_by, **chain_kw)
+    written, skipped, errors = run_file(model, processor, records, image_root, args.out, made_by, [args.data],
+                                        args.batch_size, **chain_kw)
     dt = time.time() - t
     print(f"infer.py: {written} records answered in {dt:.1f}s ({written / max(dt, 1e-9):.2f} rec/s), "
           f"{skipped} already done, {len(errors)} image errors"

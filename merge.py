@@ -14,6 +14,7 @@ weights, and every adapter tensor must find its layer, with its shape, in --mode
 replaces; it never deletes files it did not write. The checkpoint is written next to --out and renamed into
 place, so a kill leaves either the old directory or the new one.
 """
+import argparse
 import json
 import os
 import shutil
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier merge.py output in --out")
     parser.add_argument("--tolerance", type=common.POSITIVE, default=1e-4,
                         help="largest allowed |logit difference| / max |logit| between adapter and merged model")
-    parser.add_argument("--max_shard_size", default="5GB", help="safetensors shard size")
+    parser.add_argument("--max_shard_size", type=shard_size, default="5GB",
+                        help="safetensors shard size: an integer and a unit (5GB, 500MB, 2GiB)")
     return parser.parse_args(argv)
 
 
@@ -47,6 +49,17 @@ def fail(message):
 
 
 MARKER = "merge.json"  # what merge.py leaves in --out: its inputs, and the sign that it may replace the directory
+
+
+def shard_size(text):
+    """An argparse type: a size save_pretrained reads (checked now, not after the merge's work)."""
+    from transformers.utils.hub import convert_file_size_to_int
+    try:
+        if convert_file_size_to_int(text) <= 0:
+            raise ValueError
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 500MB") from None
+    return text
 
 
 def check_out(args):

@@ -117,8 +117,14 @@ def read_pairs(path, image_root, processor, args, need_answers):
     for lineno, p in common.input_rows(path, "pairs"):
         where = f"{path}:{lineno}"
         for key in ("id", "image", "question", "chosen_box_text", "rejected_box_text"):
-            if not isinstance(p.get(key), str):
-                raise common.DataError(f"{where}: field '{key}' must be a string (a filter_pairs.py line)")
+            if not isinstance(p.get(key), str) or not p[key].strip():
+                raise common.DataError(f"{where}: field '{key}' must be a non-empty string (a filter_pairs.py line)")
+        for key in ("chosen_answer", "rejected_answer"):  # null: that side's box did not parse (no answer unit)
+            if p.get(key) is not None and not isinstance(p[key], str):
+                raise common.DataError(f"{where}: field '{key}' must be a string or null, got {p[key]!r}")
+        if p["chosen_box_text"].strip() == p["rejected_box_text"].strip():
+            raise common.DataError(f"{where}: chosen_box_text and rejected_box_text are the same box: the pair "
+                                   "prefers nothing")
         common.check_unique(seen, p["id"], where)
         pairs.append((where, p))
     units, skipped = [], {"too_long": 0, "no_answer_pair": 0}
@@ -149,6 +155,9 @@ def read_pairs(path, image_root, processor, args, need_answers):
                 continue
             units.append({"key": f"{p['id']}/{kind}", "kind": kind, "pair": p, "chosen": chosen,
                           "rejected": rejected})
+    if need_answers and pairs and skipped["no_answer_pair"] == len(pairs):
+        raise common.DataError(f"{path}: no pair has chosen_answer, rejected_answer and chosen_crop: an answer "
+                               "stage would train on the boxes alone (filter_pairs.py writes them)")
     return units, skipped
 
 
@@ -318,7 +327,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     if args.image_root is None:
         args.image_root = os.path.dirname(os.path.abspath(args.data))
     common.check_model_args(args)
-    rt = Runtime(args)
+    rt = Runtime(args, stage)
     processor = common.load_processor(args.model)
     need_answers = args.answer_weight > 0
     units, skipped = read_pairs(args.data, args.image_root, processor, args, need_answers)
@@ -332,7 +341,7 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     pairs = group_by_pair(train_units)
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(pairs), args, rt.world, "training pairs")
 
-    ckpt = common.resolve_resume(args) if args.resume else None
+    ckpt = common.resolve_resume(args, stage, total_steps) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)

@@ -101,13 +101,13 @@ def main():
     common.check_model_args(args)
     common.resolve_box_format(args)
     records = common.read_records(args.data)
-    rt = Runtime(args)
+    rt = Runtime(args, "sft")
     processor = common.load_processor(args.model)
     examples, skipped = build_examples(records, processor, rt.is_main)
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(examples), args, rt.world, "examples")
 
     # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
-    ckpt = common.resolve_resume(args) if args.resume else None
+    ckpt = common.resolve_resume(args, "sft", total_steps) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)

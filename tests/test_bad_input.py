@@ -128,6 +128,35 @@ def file_at(path):
     return path
 
 
+def checkpoint_of(tmp, stage, finetune="full"):
+    """A checkpoint directory as another stage's run leaves one (its weights aside: the check comes first)."""
+    ckpt = tmp / "ck" / "checkpoint-1"
+    ckpt.mkdir(parents=True)
+    (ckpt / "training_state.pt").write_bytes(b"")
+    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": stage, "finetune": finetune, "step": 1}))
+    return str(ckpt)
+
+
+def thin_image_records(W, tmp):
+    from PIL import Image
+    Image.new("RGB", (2000, 8), "red").save(tmp / "thin.png")
+    return changed(W, tmp, 2, {"image": str(tmp / "thin.png"), "width": 2000, "height": 8, "bbox": [0, 0, 100, 8]})
+
+
+def broken_adapter(W, tmp):
+    import shutil
+    shutil.copytree(W.own_adapter, tmp / "adapter")
+    (tmp / "adapter" / "adapter_base.json").write_text("{")
+    return str(tmp / "adapter")
+
+
+def two_datasets_one_name(W, tmp):
+    for folder in ("a", "b"):
+        lines_with(file_at(tmp / folder / "test.jsonl"), W.records)
+    return ("eval.py", "--protocol", "chain", "--questions", tmp / "a" / "test.jsonl", tmp / "b" / "test.jsonl",
+            "--predictions", W.train, W.train, "--out", tmp / "r.json", "--image_root", W.root)
+
+
 def bad_score(W, tmp, **change):
     rows = common.read_jsonl(W.cands)
     rows[2]["candidates"][0].update(change)
@@ -182,6 +211,32 @@ CASES = [
                                            r"argument --warmup_ratio: 2 is outside \[0, 1\]")),
     ("sft-steps-not-a-number", lambda W, tmp: (sft(W, tmp / "out", None, "--max_steps", "ten"),
                                                r"argument --max_steps: 'ten' is not an integer")),
+    ("sft-seed-negative", lambda W, tmp: (sft(W, tmp / "out", None, "--seed", "-1"),
+                                          r"argument --seed: -1 is outside \[0, ")),
+    ("sft-output-dir-empty", lambda W, tmp: (sft(W, ""), r"--output_dir is empty")),
+    ("sft-lora-targets-not-a-pattern", lambda W, tmp: (sft(W, tmp / "out", None, "--finetune", "lora",
+                                                           "--lora_targets", "(q_proj"),
+                                                       r"argument --lora_targets: '\(q_proj' is not a regular "
+                                                       r"expression")),
+    ("sft-deepspeed-config-missing", lambda W, tmp: (sft(W, tmp / "out", None, "--deepspeed", str(tmp / "ds.json")),
+                                                     r"--deepspeed .*ds\.json: No such file")),
+    ("sft-batch-over-the-data", lambda W, tmp: (sft(W, tmp / "out", None, "--batch_size", "100"),
+                                                r"16 usable examples, fewer than one global batch of 100 "
+                                                r"\(--batch_size 100 x --grad_accum 1 x 1 rank\(s\)\)")),
+    ("sft-question-with-a-vision-token", lambda W, tmp: (sft(W, tmp / "out", changed(
+        W, tmp, 3, {"question": "What is at <|image_pad|>?"})), r"bad\.jsonl:4: record 'train-3': question holds the "
+                                                                 r"special token <\|image_pad\|>")),
+    ("sft-image-too-thin", lambda W, tmp: (sft(W, tmp / "out", thin_image_records(W, tmp)),
+                                           r"record 'train-2': image .*thin\.png' is 2000x8, a side over 200 times "
+                                           r"the other")),
+    ("sft-resume-another-stages-checkpoint", lambda W, tmp: (sft(W, tmp / "out", None, "--resume",
+                                                                 checkpoint_of(tmp, "grpo")),
+                                                             r"--resume .*checkpoint-1: a checkpoint of grpo, not of "
+                                                             r"sft")),
+    ("sft-resume-lora-checkpoint-with-full", lambda W, tmp: (sft(W, tmp / "out", None, "--resume",
+                                                                 checkpoint_of(tmp, "sft", "lora")),
+                                                             r"trained with --finetune lora, this run has --finetune "
+                                                             r"full")),
     # --- model paths, checkpoints, adapters
     ("sft-model-missing", lambda W, tmp: (sft(W, tmp / "out", None, "--model", str(tmp / "nope")),
                                           r"--model .*nope: no such directory")),
@@ -209,6 +264,22 @@ CASES = [
                                                  r"pairs\.jsonl: pair id 'train-0' is also in")),
     ("rl1-beta-0", lambda W, tmp: (rl(W, tmp / "out", None, "--beta", "0"),
                                    r"argument --beta: 0 is outside \(0, inf\)")),
+    ("rl1-chosen-box-is-the-rejected-box", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
+        dict(p, rejected_box_text=p["chosen_box_text"]) if i == 4 else p
+        for i, p in enumerate(common.read_jsonl(W.pairs))])), r"p\.jsonl:5: chosen_box_text and rejected_box_text "
+                                                              r"are the same box")),
+    ("rl1-empty-question", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
+        dict(p, question=" ") if i == 1 else p for i, p in enumerate(common.read_jsonl(W.pairs))])),
+        r"p\.jsonl:2: field 'question' must be a non-empty string")),
+    ("rl2-no-pair-has-answers", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
+        dict(p, chosen_answer=None) for p in common.read_jsonl(W.pairs)]), script="rl_stage2.py"),
+        r"p\.jsonl: no pair has chosen_answer, rejected_answer and chosen_crop")),
+    ("rl2-answer-not-a-string", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
+        dict(p, rejected_answer=3) if i == 2 else p for i, p in enumerate(common.read_jsonl(W.pairs))]),
+        script="rl_stage2.py"), r"p\.jsonl:3: field 'rejected_answer' must be a string or null, got 3")),
+    ("rl1-pair-width-a-string", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
+        dict(p, width="224") if i == 0 else p for i, p in enumerate(common.read_jsonl(W.pairs))])),
+        r"record 'train-0': width/height must be positive integers, got '224' and 168")),
     ("rl2-zero-area-crop", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", [
         dict(p, chosen_crop=[10, 10, 10, 40]) if i == 2 else p for i, p in enumerate(common.read_jsonl(W.pairs))]),
         script="rl_stage2.py"), r"p\.jsonl:3: chosen_crop \[10, 10, 10, 40\] is degenerate")),
@@ -223,6 +294,11 @@ CASES = [
                                            r"argument --temperature: 0 is outside \(0, inf\)")),
     ("grpo-one-generation", lambda W, tmp: (grpo(W, tmp / "out", None, "--num_generations", "1"),
                                             r"argument --num_generations: 1 is outside \[2, inf\)")),
+    ("grpo-answer-a-number", lambda W, tmp: (grpo(W, tmp / "out", changed(W, tmp, 2, {"answer": 3})),
+                                             r"bad\.jsonl:3: 'answer' must be a non-empty string, got 3")),
+    ("grpo-reward-reads-a-missing-field", lambda W, tmp: (grpo(W, tmp / "out", None, "--rewards", "answer,det_iou"),
+                                                          r"train\.jsonl:1: the det_iou reward \(--rewards\) reads "
+                                                          r"'solution', which this record lacks")),
     ("grpo-reward-weights-not-numbers", lambda W, tmp: (grpo(W, tmp / "out", None, "--reward_weights", "one"),
                                                         r"--reward_weights takes comma-separated finite numbers")),
     ("grpo-grounding-solution-without-a-box", lambda W, tmp: (grpo(W, tmp / "out", changed(
@@ -238,6 +314,20 @@ CASES = [
                                              r"bad\.jsonl: no records")),
     ("gen-pairs-model-missing", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--model", str(tmp / "m")),
                                                 r"--model .*m: no such directory")),
+    ("gen-pairs-judge-model-missing", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--judge", "model",
+                                                                "--judge_model", str(tmp / "j")),
+                                                      r"--judge_model .*j: no such directory")),
+    ("gen-pairs-out-is-the-data", lambda W, tmp: (gen_pairs(W, tmp / "d.jsonl", lines_with(tmp / "d.jsonl",
+                                                                                           W.records)),
+                                                  r"--out .*d\.jsonl: .*d\.jsonl is also an input of this run")),
+    ("infer-out-is-the-data", lambda W, tmp: (infer(W, tmp / "d.jsonl", lines_with(tmp / "d.jsonl", W.records)),
+                                              r"--out .*d\.jsonl: .*d\.jsonl is also an input of this run")),
+    ("infer-out-is-another-file", lambda W, tmp: (infer(W, lines_with(tmp / "test.jsonl", W.records[:2])),
+                                                  r"--out .*test\.jsonl exists and is no earlier run's output \(no "
+                                                  r".*test\.jsonl\.made_by\.json beside it\)")),
+    ("infer-out-is-a-directory", lambda W, tmp: (infer(W, file_at(tmp / "p" / "x").parent),
+                                                 r"--out .*p: a directory, not a file")),
+    ("infer-out-empty", lambda W, tmp: (infer(W, ""), r"--out is empty")),
     ("infer-batch-size-0", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--batch_size", "0"),
                                            r"argument --batch_size: 0")),
     ("infer-empty-data", lambda W, tmp: (infer(W, tmp / "p.jsonl", lines_with(tmp / "bad.jsonl", [])),
@@ -270,6 +360,14 @@ CASES = [
                                           r"--out .*p\.jsonl exists: --overwrite replaces it, or write elsewhere")),
     ("filter-out-is-a-directory", lambda W, tmp: (filter_pairs(file_at(tmp / "p" / "x").parent, W.cands),
                                                   r"--out .*p: a directory, not a file")),
+    ("filter-chosen-box-text-null", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, box_text=None)),
+                                                    r"cands\.jsonl:3: question 'train-2': scored candidate 0: "
+                                                    r"box_text must be a string")),
+    ("filter-crop-not-a-box", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, crop="nonsense")),
+                                              r"cands\.jsonl:3: .*candidate 0: crop must be \[x1, y1, x2, y2\]")),
+    ("filter-every-question-dropped", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", lines_with(tmp / "c.jsonl", [
+        dict(q, candidates=q["candidates"][:1]) for q in common.read_jsonl(W.cands)])),
+        r"none of the 8 questions passed the rules \(table above\): no pairs to write")),
     ("filter-grpo-out-is-out", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", W.cands) + ("--grpo_out", tmp / "p.jsonl"),
                                                r"--grpo_out .*p\.jsonl is --out too")),
     # --- evaluation
@@ -290,6 +388,21 @@ CASES = [
         tmp / "p.jsonl", W.records)), r"--out .*p\.jsonl: .*p\.jsonl is also an input of this run")),
     ("eval-items-file-is-the-questions", lambda W, tmp: (evaluate(W, tmp / "q.json", "chain", lines_with(
         tmp / "q.items.jsonl", W.records), W.train), r"--out .*q\.json: .*q\.items\.jsonl is also an input")),
+    ("eval-two-datasets-one-name", lambda W, tmp: (two_datasets_one_name(W, tmp),
+                                                   r"--questions .*a/test\.jsonl and .*b/test\.jsonl are both dataset "
+                                                   r"'test' \(named by the file\): rename one")),
+    ("eval-predictions-of-another-file", lambda W, tmp: (evaluate(W, tmp / "r.json", "grounding", W.train, lines_with(
+        tmp / "p.jsonl", [{"id": "test-0", "box": [1, 2, 3, 4]}])), r"p\.jsonl: 1 prediction ids name no question "
+                                                                     r"of .*train\.jsonl \(first: 'test-0'\)")),
+    ("eval-repeated-question-id", lambda W, tmp: (evaluate(W, tmp / "r.json", "grounding", lines_with(
+        tmp / "q.jsonl", W.records + W.records[:1]), W.train), r"q\.jsonl: row 9 repeats id 'train-0'")),
+    ("eval-out-is-not-a-report", lambda W, tmp: (evaluate(W, file_at(tmp / "notes.json"), "chain", W.train, W.train),
+                                                 r"--out .*notes\.json exists and is not an eval\.py report")),
+    ("eval-label-of-another-type", lambda W, tmp: (evaluate(W, tmp / "r.json", "virft-cls", lines_with(
+        tmp / "q.jsonl", [dict(W.records[0], solution=5)]), lines_with(tmp / "p.jsonl", [
+            {"id": "train-0", "text": "<answer>circle</answer>"}])),
+        r"q\.jsonl / .*p\.jsonl: a row lacks a field the virft-cls protocol reads, or holds one of another type "
+        r"\(\w+Error: ")),
     ("eval-batch-size-0", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                           + ("--batch_size", "0"), r"argument --batch_size: 0")),
     # --- merge
@@ -303,6 +416,10 @@ CASES = [
                                             r"--model .*base: no such directory")),
     ("merge-adapter-of-another-base", lambda W, tmp: (merge(W, tmp / "out", adapter=W.other_adapter),
                                                       r"--adapter .*other_adapter was trained on")),
+    ("merge-adapter-base-unreadable", lambda W, tmp: (merge(W, tmp / "out", adapter=broken_adapter(W, tmp)),
+                                                      r"--adapter .*adapter: unreadable adapter_base\.json")),
+    ("merge-shard-size-not-a-size", lambda W, tmp: (merge(W, tmp / "out", "--max_shard_size", "banana"),
+                                                    r"argument --max_shard_size: 'banana' is not a size")),
 ]
 
 
@@ -513,3 +630,6 @@ def test_rerun_with_other_weights_into_the_same_predictions_is_refused(run, worl
     p = run(*infer(world, out, None, "--adapter", world.own_adapter))
     assert p.rc == 1 and re.search(r"preds\.jsonl\.made_by\.json: the outputs next to it were made with "
                                            r"other adapter, adapter_weights", p.stderr), p.stderr[-2000:]
+    # The same questions from another file (the same ids) are other data: their old answers must not stand in.
+    p = run(*infer(world, out, lines_with(tmp_path / "other.jsonl", world.records)))
+    assert p.rc == 1 and re.search(r"made with other data \(", p.stderr), p.stderr[-2000:]

@@ -1,6 +1,7 @@
 """Model loading, label masking, batch invariance, log-probs against a float64 gather and generation with
 precomputed vision features, on the tiny model of every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)."""
 import os
+import re
 
 import pytest
 import torch
@@ -265,5 +266,12 @@ def test_two_image_processor_files_exist(toy):
 
 def test_vision_tokens_in_a_response_are_refused(toy):
     rec = records(toy)[0]
-    with pytest.raises(common.DataError, match="record 'train-0': response contains a vision special token"):
+    with pytest.raises(common.DataError, match="record 'train-0': response holds the special token"):
         Example(rec, str(toy / "data"), common.focus_messages(rec["question"]), "look <|image_pad|> here")
+    with pytest.raises(common.DataError, match=r"response holds the special token <\|im_end\|>"):
+        Example(rec, str(toy / "data"), common.focus_messages(rec["question"]), "circle<|im_end|>")
+    # A question or answer of a record is refused when the data are read, before any stage starts.
+    for key, token in (("question", "<|vision_start|>"), ("answer", "<|im_start|>")):
+        with pytest.raises(common.DataError, match=rf"^f:1: record 'train-0': {key} holds the special token "
+                                                   + re.escape(token)):
+            common.validate_record(dict(rec, **{key: f"what {token} is"}), "f:1")

@@ -44,6 +44,8 @@ def test_paired_difference_is_the_mean_and_standard_error_of_per_question_differ
     assert f"| row − base | 50 | {(a - b[:50]).mean():+.3f} ± " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--diff names 'nope'"):
         compare.main([str(tmp_path / "base.json"), str(tmp_path / "row.json"), "--diff", "nope", "base"])
+    with pytest.raises(SystemExit, match="two reports are labelled 'row'"):  # a --diff of one with itself
+        compare.main([str(tmp_path / "row.json"), str(tmp_path / "row.json"), "--diff", "row", "row"])
 
 
 def test_a_malformed_item_line_names_file_and_line(tmp_path):
@@ -60,7 +62,11 @@ def test_a_malformed_item_line_names_file_and_line(tmp_path):
 def test_a_missing_or_foreign_report_is_one_line_naming_it(tmp_path):
     (tmp_path / "half.json").write_text('{"protocol": "chain", ')
     (tmp_path / "list.json").write_text("[1, 2]")
-    for name, message in (("absent.json", r"cannot read the report .*absent\.json: No such file"),
+    (tmp_path / "foo.json").write_text('{"protocol": "foo", "label": "x"}')
+    write_report(tmp_path / "text_score.json", "t", [{"dataset": "toy", "id": "0", "answer_score": "1"}])
+    for name, message in (("foo.json", r".*foo\.json: protocol 'foo' is none of eval\.py's"),
+                          ("text_score.json", r".*text_score\.items\.jsonl:1: answer_score must be a finite number"),
+                          ("absent.json", r"cannot read the report .*absent\.json: No such file"),
                           ("half.json", r".*half\.json is not an eval\.py report \(not JSON"),
                           ("list.json", r".*list\.json is not an eval\.py report \(no 'protocol' and 'label'\)")):
         run = subprocess.run([sys.executable, "tools/compare.py", str(tmp_path / name)], capture_output=True,

@@ -336,5 +336,5 @@ def test_pairs_without_a_rejected_answer_and_malformed_lines(toy, tmp_path):
     units, skipped = rl_stage1.read_pairs(path, str(toy / "data"), processor, args, need_answers=True)
     assert skipped["no_answer_pair"] == 1 and [u["kind"] for u in units].count("answer") == 3
     common.write_jsonl(path, rows[:2] + [{"id": "x", "image": "i.png", "question": "q"}])
-    with pytest.raises(common.DataError, match=r"pairs.jsonl:3: field 'chosen_box_text' must be a string"):
+    with pytest.raises(common.DataError, match=r"pairs.jsonl:3: field 'chosen_box_text' must be a non-empty string"):
         rl_stage1.read_pairs(path, str(toy / "data"), processor, args, need_answers=True)

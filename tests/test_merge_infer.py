@@ -112,8 +112,8 @@ def test_run_file_resumes_after_torn_line_and_retries_image_errors(loaded, toy, 
     recs = mixed_records(toy, tmp_path)
     recs.append(dict(recs[0], id="late-image", image="late.png"))
     out = str(tmp_path / "preds.jsonl")
-    written, skipped, errors = infer.run_file(model, processor, recs, str(tmp_path), out, batch_size=2,
-                                              show_progress=False, max_new_tokens=6)
+    written, skipped, errors = infer.run_file(model, processor, recs, str(tmp_path), out, {"model": "toy"}, [],
+                                              batch_size=2, show_progress=False, max_new_tokens=6)
     assert (written, skipped, [e["id"] for e in errors]) == (5, 0, ["late-image"])
     assert "late.png" in common.read_jsonl(out + ".errors.jsonl")[0]["error"]
     full = open(out).read().splitlines()
@@ -121,8 +121,8 @@ def test_run_file_resumes_after_torn_line_and_retries_image_errors(loaded, toy, 
     with open(out, "w") as f:
         f.write("\n".join(full[:2]) + "\n" + full[2][:25])
     Image.open(tmp_path / "0.png").save(tmp_path / "late.png")
-    written, skipped, errors = infer.run_file(model, processor, recs, str(tmp_path), out, batch_size=2,
-                                              show_progress=False, max_new_tokens=6)
+    written, skipped, errors = infer.run_file(model, processor, recs, str(tmp_path), out, {"model": "toy"}, [],
+                                              batch_size=2, show_progress=False, max_new_tokens=6)
     assert (written, skipped, errors) == (4, 2, [])
     rows = common.read_jsonl(out)
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in recs)

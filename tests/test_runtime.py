@@ -1,5 +1,6 @@
 """Runtime pieces without a launcher: data order, schedule, checkpoint discovery."""
 import argparse
+import json
 import math
 import os
 
@@ -23,7 +24,7 @@ def test_step_indices_cover_each_epoch_once_and_are_reproducible():
 def schedule(total, warmup_ratio=0.1, min_lr_ratio=0.1, lr=1.0):
     args = argparse.Namespace(deepspeed=None, seed=0, dtype="fp32", lr=lr, weight_decay=0.0,
                               warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, max_grad_norm=1.0, grad_accum=1)
-    rt = common.Runtime(args)
+    rt = common.Runtime(args, "test")
     rt.setup(torch.nn.Linear(2, 2), total)
     lrs = []
     for _ in range(total):
@@ -46,8 +47,26 @@ def test_warmup_then_cosine_to_the_floor():
 def test_resume_latest_ignores_unfinished_checkpoints(tmp_path):
     for name in ("checkpoint-3", "checkpoint-6", "checkpoint-9.tmp", "checkpoint-x", "final"):
         os.makedirs(tmp_path / name)
-    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path))
-    assert common.resolve_resume(args) == str(tmp_path / "checkpoint-6")
-    assert common.resolve_resume(argparse.Namespace(resume="latest", output_dir=str(tmp_path / "none"))) is None
+    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path), finetune="lora")
+    assert common.resolve_resume(args, "sft", 10) == str(tmp_path / "checkpoint-6")
+    assert common.resolve_resume(argparse.Namespace(resume="latest", output_dir=str(tmp_path / "none")), "sft",
+                                 10) is None
     common.prune_checkpoints(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-9.tmp", "checkpoint-x", "final"]
+
+
+def test_resume_refuses_another_stage_another_finetune_or_a_finished_run(tmp_path):
+    ckpt = tmp_path / "checkpoint-6"
+    os.makedirs(ckpt)
+    (ckpt / "training_state.pt").write_bytes(b"")
+    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": "rl_stage1", "finetune": "lora", "step": 6}))
+    for resume in ("latest", str(ckpt)):
+        args = argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="lora")
+        assert common.resolve_resume(args, "rl_stage1", 7) == str(ckpt)
+        with pytest.raises(common.DataError, match=r"checkpoint-6: a checkpoint of rl_stage1, not of rl_stage2$"):
+            common.resolve_resume(args, "rl_stage2", 7)
+        with pytest.raises(common.DataError, match=r"at step 6, and this run ends at step 6: nothing left to train"):
+            common.resolve_resume(args, "rl_stage1", 6)
+        with pytest.raises(common.DataError, match=r"trained with --finetune lora, this run has --finetune full$"):
+            common.resolve_resume(argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="full"),
+                                  "rl_stage1", 7)

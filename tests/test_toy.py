@@ -87,4 +87,6 @@ def test_a_zoom_cold_start_shows_the_second_look_on_its_share_of_traces(tmp_path
     assert all((tmp_path / "half" / "data" / r["image"]).read_bytes() ==
                (tmp_path / "full" / "data" / r["image"]).read_bytes() for r in full)
     refused = world(tmp_path / "bad", "--two_looks", "1.5")
-    assert refused.returncode == 2 and "--two_looks 1.5 is outside [0, 1]" in refused.stderr.splitlines()[-1]
+    assert refused.returncode == 1 and "--two_looks: 1.5 is outside [0, 1]" in refused.stderr.splitlines()[-1]
+    refused = world(tmp_path / "bad", "--max_tiles", "0")
+    assert refused.returncode == 1 and "--max_tiles: 0 is outside [1, 12]" in refused.stderr.splitlines()[-1]

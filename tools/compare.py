@@ -35,12 +35,18 @@ def read_report(path):
         raise common.DataError(f"{path} is not an eval.py report (not JSON: {e})") from None
     if not isinstance(report, dict) or not {"protocol", "label"} <= report.keys():
         raise common.DataError(f"{path} is not an eval.py report (no 'protocol' and 'label')")
+    if report["protocol"] not in COLUMNS or not isinstance(report["label"], str):
+        raise common.DataError(f"{path}: protocol {report['protocol']!r} is none of eval.py's, or its label "
+                               f"{report['label']!r} is not a string")
     items_path = os.path.splitext(path)[0] + ".items.jsonl"
     items = {}
     if os.path.exists(items_path):
         for lineno, item in common.iter_jsonl(items_path):
             if "id" not in item:
                 raise common.DataError(f"{items_path}:{lineno}: a per-item row needs 'id'")
+            for key in ("answer_score", "iou"):
+                if item.get(key) is not None:
+                    common.finite_number(item[key], f"{items_path}:{lineno}", key)
             items[(item.get("dataset"), item["id"])] = item
     return report, items
 
@@ -74,6 +80,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     loaded = [read_report(p) for p in args.reports]
     reports = [r for r, _ in loaded]
+    labels = [r["label"] for r in reports]
+    repeated = next((label for label in labels if labels.count(label) > 1), None)
+    if repeated is not None:
+        raise SystemExit(f"compare.py: two reports are labelled {repeated!r}: eval.py --label tells them apart")
     protocols = {r["protocol"] for r in reports}
     if len(protocols) != 1 and protocols != {"chain", "zoom"}:
         raise SystemExit("compare.py: give one or more eval.py reports of the same protocol (or chain and zoom)")

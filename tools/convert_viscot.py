@@ -51,11 +51,14 @@ def read_benchmark(path):
     return items
 
 
+BENCHMARK_ITEM = ("benchmark item (image: [path, 'path###[x1, y1, x2, y2]'], conversations: 4 turns, dataset, "
+                  "question_id)")
+
+
 def convert_benchmark(items, sizes, image_root, path):
     out = []
     for i, item in enumerate(items):
-        where = f"{path}[{i}]"
-        shape = "benchmark item (image: [path, 'path###[x1, y1, x2, y2]'], conversations: 4 turns, dataset, question_id)"
+        where, shape = f"{path}[{i}]", BENCHMARK_ITEM
         image, tagged, conv, dataset, question_id = fields(where, shape, lambda: (
             item["image"][0], item["image"][1], [turn["value"] for turn in item["conversations"][:4]],
             item["dataset"], item["question_id"]))

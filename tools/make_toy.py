@@ -30,12 +30,15 @@ The model: 1.9 M parameters, weights drawn with std 0.08 (HF's default 0.02 leav
 a long loss plateau here), rope_theta 10 and mrope_section [2, 7, 7] (more angular resolution for image rows
 and columns), and a 1000-token byte-level BPE trained on the prompts, with digits one per token as Qwen2's.
 """
-import argparse
 import json
 import os
 import random
+import sys
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")  # five made SFT's crop reading slower and the table no clearer
@@ -229,13 +232,13 @@ def build_model(name, out_dir, tokenizer, seed, image=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--out", required=True, help="directory to write the toy world into")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, images and questions")
-    parser.add_argument("--n_train", type=int, default=1000, help="box-annotated training records (SFT)")
-    parser.add_argument("--n_questions", type=int, default=2000, help="training questions without boxes (RL)")
-    parser.add_argument("--n_test", type=int, default=1000, help="held-out records with the target's box")
-    parser.add_argument("--max_objects", type=int, default=3,
+    parser.add_argument("--seed", type=common.SEED, default=0, help="seed for weights, images and questions")
+    parser.add_argument("--n_train", type=common.COUNT, default=1000, help="box-annotated training records (SFT)")
+    parser.add_argument("--n_questions", type=common.COUNT, default=2000, help="training questions without boxes (RL)")
+    parser.add_argument("--n_test", type=common.COUNT, default=1000, help="held-out records with the target's box")
+    parser.add_argument("--max_objects", type=common.bounded(int, 1, GRID_COLS * GRID_ROWS), default=3,
                         help="objects per image, drawn uniformly from 1..N: the target and N-1 grey distractors")
     parser.add_argument("--train_boxes", default="any", choices=["any", "target"],
                         help="the training box: any object of the scene (default: boxes that do not say where "
@@ -246,6 +249,8 @@ def main():
                         help=f"tiny models to build, comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--skip_models", action="store_true", help="write only the dataset")
     args = parser.parse_args()
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a directory")
     families = args.families.split(",")
     if not set(families) <= set(MODELS):
         parser.error(f"--families takes names from {', '.join(MODELS)}, got {args.families!r}")

@@ -15,7 +15,6 @@ Writes zoom_toy/qwen2-vl/ (the toy model with this processor) and zoom_toy/data/
 shape's box; zooms: [tile, shape box], the two-look trace, or [tile] for a share 1 - --two_looks of them),
 questions.jsonl (no box), test.jsonl (bbox).
 """
-import argparse
 import json
 import os
 import random
@@ -25,6 +24,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script or imported as tools.make_zoom_toy
 from make_toy import BACKGROUND, COLOURS, SHAPES, build_model, build_tokenizer, cell_tint, draw_shape  # noqa: E402
+import common  # noqa: E402  (make_toy put the repository root on the path)
 
 WIDTH, HEIGHT, TILE, SHAPE, FRAME = 448, 336, 112, 12, 12
 GRID_COLS, GRID_ROWS = WIDTH // TILE, HEIGHT // TILE
@@ -61,19 +61,20 @@ def make_record(rng, index, split, image_dir, max_tiles, with_boxes):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.ArgumentParser(__doc__)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n_train", type=int, default=1000)
-    parser.add_argument("--n_questions", type=int, default=2000)
-    parser.add_argument("--n_test", type=int, default=1000)
-    parser.add_argument("--max_tiles", type=int, default=3, help="tiles per image: the target's and up to N-1 others")
-    parser.add_argument("--two_looks", type=float, default=1.0,
+    parser.add_argument("--seed", type=common.SEED, default=0)
+    parser.add_argument("--n_train", type=common.COUNT, default=1000)
+    parser.add_argument("--n_questions", type=common.COUNT, default=2000)
+    parser.add_argument("--n_test", type=common.COUNT, default=1000)
+    parser.add_argument("--max_tiles", type=common.bounded(int, 1, GRID_COLS * GRID_ROWS), default=3,
+                        help="tiles per image: the target's and up to N-1 others")
+    parser.add_argument("--two_looks", type=common.FRACTION, default=1.0,
                         help="share of training traces with both looks; the others stop at the tile (a cold start "
                              "that rarely shows the second look); the images are the same at any share")
     args = parser.parse_args()
-    if not 0 <= args.two_looks <= 1:
-        parser.error(f"--two_looks {args.two_looks:g} is outside [0, 1]")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file, not a directory")
     data_dir = os.path.join(args.out, "data")
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
     rng, cut = random.Random(args.seed), random.Random(f"two looks {args.seed}")

@@ -184,7 +184,7 @@ def main(argv=None):
     parser.add_argument("--task", choices=("focus", "zoom"), default="focus")
     parser.add_argument("--n", type=common.POSITIVE_INT, default=96, help="held-out questions (the first n)")
     parser.add_argument("--num_generations", type=common.POSITIVE_INT, default=8, help="rollouts per question")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=common.SEED, default=0)
     parser.add_argument("--reward_n", type=common.POSITIVE_INT, default=None,
                         help="also the direct measure: each model's sampled reward on the first N questions against "
                         "the start's (sampled_reward_change; the total, and each reward alone where there are "
@@ -195,8 +195,7 @@ def main(argv=None):
     if a.against and a.against not in a.trained:
         parser.error(f"--against {a.against}: not one of --trained")
     for flag, path in [("--start", a.start)] + [("--trained", t) for t in a.trained]:
-        if not os.path.isdir(path):
-            parser.error(f"{flag} {path}: no such directory")
+        common.check_model_path(path, flag)
     image_root = a.image_root or os.path.dirname(os.path.abspath(a.questions))
     defaults = ["--rule_metric", "exact", "--max_new_tokens", "32"]  # the toy's: later flags override them
     held_out = probe(a.start, a.questions, image_root, a.n, a.num_generations, a.seed,
