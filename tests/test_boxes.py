@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+import common
 from common import BOX_FORMATS, box_giou, box_iou, box_to_text, crop_box, parse_box
 
 SHAPES = [(391, 500), (500, 374), (500, 500), (168, 112), (1695, 2200), (2156, 1695)]
@@ -95,6 +96,10 @@ def test_crop_clamps_and_grows():
     edge = crop_box([95, 75, 100, 80], 100, 80, min_size=28)  # grows inward at the corner
     assert edge == [72, 52, 100, 80]
     assert crop_box([0, 0, 5, 5], 20, 20, min_size=28) == [0, 0, 20, 20]  # image smaller than the minimum
+    # A thin box (a text line across a wide scan): its short side grows to keep the crop within the
+    # processor's aspect limit, around the box.
+    thin = crop_box([100, 500, 8100, 502], 9000, 1000, min_size=28)
+    assert thin == [100, 481, 8100, 521] and (thin[2] - thin[0]) <= common.MAX_ASPECT * (thin[3] - thin[1])
 
 
 def test_iou_giou_closed_form():

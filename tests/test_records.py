@@ -3,10 +3,9 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, SAMPLES
+from conftest import SAMPLES, run
 
 import common
 from common import DataError
@@ -121,8 +120,9 @@ def test_write_jsonl_round_trip(tmp_path):
 
 
 def run_convert(*argv):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_viscot.py"), *argv],
-                          capture_output=True, text=True)
+    """tools/convert_viscot.py as a command, forked from the fork server (torch already imported)."""
+    p = run("tools/convert_viscot.py", *map(str, argv))
+    return subprocess.CompletedProcess(argv, p.rc, p.stdout, p.stderr)
 
 
 def convert(tmp_path, *argv):
