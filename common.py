@@ -894,6 +894,25 @@ def check_model_args(args):
         check_adapter_base(args.adapter, args.model)
     if getattr(args, "ref_model", None):
         check_model_path(args.ref_model, "--ref_model")
+    check_lora_targets(args)
+
+
+def check_lora_targets(args):
+    """--lora_targets, when given for a new adapter, must match a module of --model's architecture: checked on a
+    weightless (meta-device) build of its config, before the stage claims its outputs, not after the weights
+    have loaded. PEFT full-matches a string pattern against every module name."""
+    if getattr(args, "finetune", None) != "lora" or not getattr(args, "lora_targets", None) or args.adapter:
+        return
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    with loading(args.model):
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device("meta"):
+            names = [name for name, _ in AutoModelForImageTextToText.from_config(config).named_modules()]
+    if not any(re.fullmatch(args.lora_targets, name) for name in names):
+        default = family_of(config).lora_targets
+        example = next((name for name in names if re.fullmatch(default, name)), names[-1])
+        raise DataError(f"--lora_targets {args.lora_targets!r} matches no module of --model {args.model} (the "
+                        f"default matches names like {example!r})")
 
 
 def check_adapter_base(adapter, model_dir):

@@ -218,6 +218,11 @@ CASES = [
                                                            "--lora_targets", "(q_proj"),
                                                        r"argument --lora_targets: '\(q_proj' is not a regular "
                                                        r"expression")),
+    ("sft-lora-targets-match-nothing", lambda W, tmp: (sft(W, tmp / "out", None, "--finetune", "lora",
+                                                           "--lora_targets", "nothing_proj"),
+                                                       r"--lora_targets 'nothing_proj' matches no module of --model "
+                                                       r".*qwen2-vl \(the default matches names like "
+                                                       r"'model\.language_model\.layers\.0\.")),
     ("sft-deepspeed-config-missing", lambda W, tmp: (sft(W, tmp / "out", None, "--deepspeed", str(tmp / "ds.json")),
                                                      r"--deepspeed .*ds\.json: No such file")),
     ("sft-batch-over-the-data", lambda W, tmp: (sft(W, tmp / "out", None, "--batch_size", "100"),

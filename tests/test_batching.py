@@ -155,6 +155,12 @@ def test_lora_targets_language_model_only(toy):
     frozen = [n for n, p in full.named_parameters() if not p.requires_grad]
     assert frozen and all(common.is_vision_param(n) for n in frozen)
     assert all(p.requires_grad for n, p in full.named_parameters() if not common.is_vision_param(n))
+    # --lora_targets is checked on a weightless build before a stage starts: the default pattern passes (and
+    # selects what get_peft_model wrapped above), one that names no module is refused.
+    args = argparse.Namespace(**dict(vars(args), model=str(toy / "qwen2-vl"), adapter=None))
+    common.check_lora_targets(args)
+    with pytest.raises(common.DataError, match=r"--lora_targets '\.\*vision\.\*q_proj' matches no module"):
+        common.check_lora_targets(argparse.Namespace(**dict(vars(args), lora_targets=".*vision.*q_proj")))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
