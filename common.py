@@ -797,11 +797,18 @@ def family_of(model_or_config):
 
 
 def check_model_path(path, flag="--model"):
-    """A local directory that holds a model (or an adapter), or what can only be a hub id (owner/name); anything
-    else is a one-line error before transformers' own ("Repo id must be in the form ...")."""
+    """A local directory that holds a model (an adapter for --adapter), or what can only be a hub id
+    (owner/name); anything else is a one-line error before transformers' own ("Repo id must be in the form
+    ..."). An adapter given as a model is refused: transformers would load its base and the adapter as one
+    model, with nothing left to train and no weights of its own to fingerprint."""
     if os.path.isdir(path):
-        if not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json")):
-            raise DataError(f"{flag} {path}: not a model directory (no config.json)")
+        has_model, has_adapter = (os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+        if flag == "--adapter" and not has_adapter:
+            raise DataError(f"{flag} {path}: not a PEFT adapter directory (no adapter_config.json)")
+        if flag != "--adapter" and not has_model:
+            raise DataError(f"{flag} {path}: " + ("a LoRA adapter, not a model: give its base as --model and this as "
+                                                  "--adapter (or merge.py them)" if has_adapter else
+                                                  "not a model directory (no config.json)"))
     elif os.path.exists(path):
         raise DataError(f"{flag} {path}: a file, not a model directory")
     elif path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path):

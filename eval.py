@@ -76,7 +76,7 @@ def parse_args(argv=None):
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="what to score")
     parser.add_argument("--questions", required=True, nargs="+", help="ground-truth file(s), one per dataset")
     parser.add_argument("--predictions", nargs="+", default=None, help="prediction file(s), same order")
-    parser.add_argument("--out", required=True, help="JSON report (per-item scores go to OUT.items.jsonl)")
+    parser.add_argument("--out", required=True, help="JSON report (per-item scores beside it: r.json -> r.items.jsonl)")
     parser.add_argument("--label", default=None, help="label for the table (default: the model or predictions)")
     parser.add_argument("--parser", default=None, choices=sorted(set(PARSERS["viscot-det"] + PARSERS["virft-det"])),
                         help="viscot-det: viscot (Visual-CoT's own, default) or lenient; virft-det: virft "
@@ -102,7 +102,7 @@ def parse_args(argv=None):
     m.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"], help="attention")
     m.add_argument("--image_root", default=None, help="image root (default: the questions file's directory)")
     m.add_argument("--predictions_dir", default=None,
-                   help="where --model writes predictions (default: OUT.predictions/)")
+                   help="where --model writes predictions (default: r.json -> r.predictions/)")
     m.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     m.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
     m.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64,

@@ -155,7 +155,7 @@ def main(argv=None):
     check_base(args)
     has_processor = any(os.path.exists(os.path.join(args.adapter, f))
                         for f in ("processor_config.json", "preprocessor_config.json"))
-    processor = common.load_processor(args.adapter if has_processor else args.model)
+    processor = common.load_processor(*((args.adapter, "--adapter") if has_processor else (args.model, "--model")))
     model = load_adapter_model(args)
     batch = probe_batch(processor)
     with_adapter = logits(model, batch)

@@ -34,7 +34,7 @@ def naive(model, processor, records, images, args, rng):
             for box in (first, second):
                 if box is None:
                     continue
-                crop = common.crop_box(box, w, h)
+                crop = common.crop_box(box, w, h, common.token_pixels(processor))
                 ex = common.Example(rec, None, common.answer_messages(rec["question"]), crop=crop)
                 common.generate(model, processor, [ex], images=[ex.images(full=im)], **gen)
             n += 2

@@ -28,7 +28,7 @@ def naive(model, processor, records, image_root, max_new_tokens):
         box_text = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         w, h = image.size
         box = common.parse_box(box_text, "viscot", w, h)
-        crop = common.crop_box(box or [0, 0, w, h], w, h)
+        crop = common.crop_box(box or [0, 0, w, h], w, h, common.token_pixels(processor))
         image = common.load_image(rec, image_root)
         prompt = processor.apply_chat_template(common.answer_messages(rec["question"]), add_generation_prompt=True)
         inputs = processor(text=[prompt], images=[image, image.crop(tuple(crop))], return_tensors="pt")

@@ -247,6 +247,11 @@ CASES = [
                                           r"--model .*nope: no such directory")),
     ("sft-model-not-a-model", lambda W, tmp: (sft(W, tmp / "out", None, "--model", W.notes),
                                               r"--model .*notes: not a model directory \(no config\.json\)")),
+    ("sft-model-is-an-adapter", lambda W, tmp: (sft(W, tmp / "out", None, "--model", W.own_adapter),
+                                                r"--model .*own_adapter: a LoRA adapter, not a model: give its base "
+                                                r"as --model and this as --adapter")),
+    ("infer-adapter-is-a-model", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--adapter", W.model),
+                                                 r"--adapter .*qwen2-vl: not a PEFT adapter directory")),
     ("sft-model-not-a-hub-id", lambda W, tmp: (sft(W, tmp / "out", None, "--model", "qwen 2 vl"),
                                                r"--model qwen 2 vl: no such directory")),
     ("sft-resume-not-a-checkpoint", lambda W, tmp: (sft(W, tmp / "out", None, "--resume", W.notes),

@@ -27,3 +27,18 @@ def test_released_shapes_give_the_released_size(toy, arch):
                                  "qwen3.5": "qwen3_5"}[dpo_vs_trl.ARCHS[arch]["toy"]]
     if arch == "qwen3.5-9b":  # the hybrid stays hybrid
         assert set(config.text_config.layer_types) == {"linear_attention", "full_attention"}
+
+
+@pytest.mark.parametrize("bench,args", [
+    ("gen_pairs_throughput.py", ("--data", "train.jsonl", "--n", "2", "--batch_size", "2", "--attempts", "1",
+                                 "--max_new_tokens", "4")),
+    ("infer_throughput.py", ("--data", "test.jsonl", "--n", "2", "--max_new_tokens", "4")),
+    ("shared_prefix.py", ("--data", "questions.jsonl", "--prompts", "2", "--num_generations", "2", "--repeats", "1")),
+])
+def test_benches_run(run, toy, bench, args):
+    """The benches that import the stages' helpers run at a tiny size on the toy model (a helper's signature
+    change once broke two of them without a test noticing). Their numbers are not asserted: speed is
+    measured in bench/, never in tests."""
+    args = [str(toy / "data" / a) if a.endswith(".jsonl") else a for a in args]
+    p = run(os.path.join("bench", bench), "--model", str(toy / "qwen2-vl"), *args)
+    assert p.rc == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]

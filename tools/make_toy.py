@@ -26,7 +26,7 @@ with distractors, a training record's box is any of its objects, as from an anno
 the picture without reading the question: --train_boxes any), while questions with answers and no box are
 plentiful. SFT learns to find objects and read crops; only the answers tell which object matters.
 
-The model: 1.9 M parameters, weights drawn with std 0.08 (HF's default 0.02 leaves a from-scratch model on
+The model: 2.0 M parameters, weights drawn with std 0.08 (HF's default 0.02 leaves a from-scratch model on
 a long loss plateau here), rope_theta 10 and mrope_section [2, 7, 7] (more angular resolution for image rows
 and columns), and a 1000-token byte-level BPE trained on the prompts, with digits one per token as Qwen2's.
 """
