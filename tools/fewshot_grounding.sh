@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fewshot}
-SEED=${SEED:-0}
+SEED=${SEED:-0}               # the world and the few-shot SFT
+RUN_SEED=${RUN_SEED:-$SEED}  # the two arms' batches and samples (README's "run seed 7" rows: RUN_SEED=7)
 SHOTS=${SHOTS:-32}
 N_TEST=${N_TEST:-4000}       # held-out images; the first 1000 are the same at any N_TEST
 SFT_STEPS=${SFT_STEPS:-200}  # the few-shot SFT model both arms start from (after 50 steps more SFT still helps)
@@ -31,12 +32,12 @@ $PY sft.py --model "$OUT/world/qwen2-vl" --data "$DATA/train.jsonl" --output_dir
 banner "control: SFT continued on the same examples, $RL_STEPS steps"
 $PY sft.py --model "$OUT/sft/final" --data "$DATA/train.jsonl" --image_root "$DATA" --output_dir "$OUT/control" \
     --steps focus --finetune full --lr "$RL_LR" --warmup_ratio 0.15 --max_steps "$RL_STEPS" --batch_size 8 \
-    --box_decimals 2 --seed "$SEED"
+    --box_decimals 2 --seed "$RUN_SEED"
 
 banner "GRPO (grounding, IoU reward) on the same examples, $RL_STEPS steps"
 $PY grpo.py --task grounding --rewards grounding_iou --model "$OUT/sft/final" --data "$DATA/train.jsonl" \
     --image_root "$DATA" --output_dir "$OUT/grpo" --finetune full --lr "$RL_LR" --warmup_ratio 0.15 --beta "$BETA" \
-    --max_steps "$RL_STEPS" --batch_size 8 --num_generations 8 --max_new_tokens 32 --seed "$SEED"
+    --max_steps "$RL_STEPS" --batch_size 8 --num_generations 8 --max_new_tokens 32 --seed "$RUN_SEED"
 
 EVAL="$PY eval.py --protocol grounding --questions $DATA/test.jsonl --box_format viscot --batch_size 64 --max_new_tokens 32"
 for run in sft control grpo; do
