@@ -796,16 +796,17 @@ def family_of(model_or_config):
     return FAMILIES[config.model_type]
 
 
-def check_model_path(path, flag="--model"):
+def check_model_path(path, flag="--model", processor_only=False):
     """A local directory that holds a model (an adapter for --adapter), or what can only be a hub id
     (owner/name); anything else is a one-line error before transformers' own ("Repo id must be in the form
     ..."). An adapter given as a model is refused: transformers would load its base and the adapter as one
-    model, with nothing left to train and no weights of its own to fingerprint."""
+    model, with nothing left to train and no weights of its own to fingerprint. processor_only: only the
+    processor is read, which an adapter directory saved by our stages also holds."""
     if os.path.isdir(path):
         has_model, has_adapter = (os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
         if flag == "--adapter" and not has_adapter:
             raise DataError(f"{flag} {path}: not a PEFT adapter directory (no adapter_config.json)")
-        if flag != "--adapter" and not has_model:
+        if flag != "--adapter" and not has_model and not (processor_only and has_adapter):
             raise DataError(f"{flag} {path}: " + ("a LoRA adapter, not a model: give its base as --model and this as "
                                                   "--adapter (or merge.py them)" if has_adapter else
                                                   "not a model directory (no config.json)"))
@@ -816,10 +817,10 @@ def check_model_path(path, flag="--model"):
 
 
 @contextlib.contextmanager
-def loading(path, flag="--model"):
+def loading(path, flag="--model", processor_only=False):
     """Checks the path, and turns what from_pretrained raises on a bad one (missing files, a hub id that is
     not there or not reachable, an unknown model type) into a one-line error naming the flag."""
-    check_model_path(path, flag)
+    check_model_path(path, flag, processor_only)
     try:
         yield
     except (OSError, ValueError, KeyError) as e:
@@ -830,7 +831,7 @@ def loading(path, flag="--model"):
 def load_processor(path, flag="--model"):
     """AutoProcessor where it works; without torchvision (CPU machines) Qwen's video processor cannot be
     built, so construct the processor from tokenizer + PIL image processor with no video processor."""
-    with loading(path, flag):
+    with loading(path, flag, processor_only=True):
         return _load_processor(path)
 
 
