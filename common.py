@@ -140,9 +140,9 @@ def validate_record(rec, where, need_answer=True):
         if not isinstance(rec.get(key), str) or not (rec[key].strip() or (key == "answer" and not need_answer)):
             raise DataError(f"{where}: field '{key}' must be a non-empty string, got {rec.get(key)!r}")
     for key in ("question", "answer"):
-        if special_token_in(rec[key]):
-            raise DataError(f"{where}: record {rec['id']!r}: {key} holds the special token {special_token_in(rec[key])}"
-                            " (a vision placeholder or a turn marker of the chat template)")
+        if token := special_token_in(rec[key]):
+            raise DataError(f"{where}: record {rec['id']!r}: {key} holds the special token {token} (a vision "
+                            "placeholder or a turn marker of the chat template)")
     for key in ("width", "height"):
         if rec.get(key) is not None and not (isinstance(rec[key], int) and not isinstance(rec[key], bool)
                                              and rec[key] > 0):
@@ -932,10 +932,11 @@ def check_adapter_base(adapter, model_dir):
     try:
         with open(record) as f:
             recorded = json.load(f)
-        recorded["fingerprint"], recorded["base_model"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"--adapter {adapter}: unreadable adapter_base.json ({type(e).__name__}: {e}); our "
-                        "stages write it with the adapter") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"--adapter {adapter}: unreadable adapter_base.json ({e})") from None
+    if not isinstance(recorded, dict) or not {"fingerprint", "base_model"} <= recorded.keys():
+        raise DataError(f"--adapter {adapter}: adapter_base.json lacks 'fingerprint' and 'base_model' (our stages "
+                        "write both with the adapter)")
     actual = weights_fingerprint(model_dir)
     if actual != recorded["fingerprint"]:
         raise DataError(f"--adapter {adapter} was trained on {recorded['base_model']} (weights fingerprint "
@@ -1029,12 +1030,9 @@ def prepare_for_training(model, args):
             for p in model.parameters():
                 p.requires_grad_(False)
             targets = args.lora_targets or family_of(model).lora_targets
-            try:
-                model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                         lora_dropout=args.lora_dropout,
-                                                         target_modules=targets, task_type="CAUSAL_LM"))
-            except ValueError as e:  # PEFT: "Target modules ... not found in the base model"
-                raise DataError(f"--lora_targets {targets!r}: {str(e).splitlines()[0]}") from None
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                     lora_dropout=args.lora_dropout,
+                                                     target_modules=targets, task_type="CAUSAL_LM"))
     else:
         for name, p in model.named_parameters():
             p.requires_grad_(args.train_vision or not is_vision_param(name))
@@ -1075,8 +1073,8 @@ class Example:
         """calls, views: a zoom trace's earlier model turns (each a zoom call's text) and the view each one
         opened (a crop box of the original image), shown after it as a tool turn."""
         for text in ([response] if response is not None else []) + list(calls):
-            if special_token_in(text):
-                raise DataError(f"record {rec.get('id')!r}: response holds the special token {special_token_in(text)} "
+            if token := special_token_in(text):
+                raise DataError(f"record {rec.get('id')!r}: response holds the special token {token} "
                                 f"(common.special_token_in): {text!r}")
         self.rec, self.image_root, self.messages, self.response, self.crop = rec, image_root, messages, response, crop
         self.calls, self.views = list(calls), list(views)
@@ -2120,9 +2118,10 @@ CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune and step
 
 def resolve_resume(args, stage, total_steps):
     """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none); a directory
-    given by name must be a checkpoint. Either must be this stage's, trained with this --finetune, and short
-    of total_steps (its optimizer state would not fit another stage's or mode's parameters, and a finished run
-    has nothing left to train)."""
+    given by name must be a checkpoint. Either must be this stage's, trained with this --finetune, and not
+    past total_steps (its optimizer state would not fit another stage's or mode's parameters, and a run that
+    ends before the checkpoint would save it again as its own step). At total_steps the run only writes
+    final/ again: what a run killed between its last checkpoint and final/ needs."""
     if args.resume != "latest":
         if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
             raise DataError(f"--resume {args.resume}: not a checkpoint (no training_state.pt); give a checkpoint-N "
@@ -2146,9 +2145,9 @@ def resolve_resume(args, stage, total_steps):
         if saved_finetune != args.finetune:
             raise DataError(f"--resume {ckpt}: trained with --finetune {saved_finetune}, this run has --finetune "
                             f"{args.finetune}")
-        if saved_step >= total_steps:
-            raise DataError(f"--resume {ckpt}: at step {saved_step}, and this run ends at step {total_steps}: "
-                            "nothing left to train (a larger --max_steps or more epochs continues it)")
+        if saved_step > total_steps:
+            raise DataError(f"--resume {ckpt}: at step {saved_step}, past this run's last step {total_steps} (a "
+                            "larger --max_steps or more epochs continues it)")
     return ckpt
 
 

@@ -76,7 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="what to score")
     parser.add_argument("--questions", required=True, nargs="+", help="ground-truth file(s), one per dataset")
     parser.add_argument("--predictions", nargs="+", default=None, help="prediction file(s), same order")
-    parser.add_argument("--out", required=True, help="JSON report (per-item scores beside it: r.json -> r.items.jsonl)")
+    parser.add_argument("--out", required=True,
+                        help="JSON report (per-item scores beside it: r.json -> r.items.jsonl)")
     parser.add_argument("--label", default=None, help="label for the table (default: the model or predictions)")
     parser.add_argument("--parser", default=None, choices=sorted(set(PARSERS["viscot-det"] + PARSERS["virft-det"])),
                         help="viscot-det: viscot (Visual-CoT's own, default) or lenient; virft-det: virft "
@@ -782,9 +783,9 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
                    image_root=os.path.abspath(image_root),
                    **({"max_turns": args.max_turns, "max_context": args.max_context} if mode == "zoom" else {}))
     _, _, errors = infer.run_file(model, processor, records, image_root, raw_path, made_by, args.questions,
-                                  args.batch_size, mode=mode, box_format=args.box_format, prompt_set=args.prompt_set,
-                                  max_new_tokens=args.max_new_tokens, max_turns=args.max_turns,
-                                  max_context=args.max_context)
+                                  args.batch_size, flag="--predictions_dir", mode=mode, box_format=args.box_format,
+                                  prompt_set=args.prompt_set, max_new_tokens=args.max_new_tokens,
+                                  max_turns=args.max_turns, max_context=args.max_context)
     if errors:
         raise common.DataError(f"{len(errors)} images failed to load (first: {errors[0]['error']}); "
                                f"listed in {raw_path}.errors.jsonl")
@@ -794,9 +795,9 @@ def run_model(model, processor, args, protocol, questions, qpath, pred_path):
 
 # ------------------------------------------------------------------------------------------- report
 
-SUMMED = ("correct", "total", "unparsable", "missing", "repeated", "n", "predictions", "detections", "judge_unparsable",
-          "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls", "max_turns_hit",
-          "context_hit")
+SUMMED = ("correct", "total", "unparsable", "missing", "repeated", "n", "predictions", "detections",
+          "judge_unparsable", "judge_failed", "partial", "unscored", "empty_answer_correct", "invalid_calls",
+          "max_turns_hit", "context_hit")
 COLUMNS = {
     "viscot-det": ("accuracy", "correct", "total", "unparsable"),
     "viscot-answer": ("answer_score", "total", "judge_unparsable", "judge_failed"),
@@ -823,6 +824,11 @@ def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def is_report(obj):
+    """A JSON object this script wrote as a report (tools/compare.py reads them too)."""
+    return isinstance(obj, dict) and {"protocol", "label"} <= obj.keys()
+
+
 def check_outputs(args, items_path, pred_dir):
     """The report may replace only an earlier report (a re-score), never an input or another file; the
     datasets, named by their files, are distinct (one would overwrite the other's scores and predictions)."""
@@ -834,7 +840,7 @@ def check_outputs(args, items_path, pred_dir):
                 earlier = json.load(f)
         except (UnicodeDecodeError, ValueError):
             earlier = None
-        if not (isinstance(earlier, dict) and {"protocol", "label"} <= earlier.keys()):
+        if not is_report(earlier):
             raise common.DataError(f"--out {args.out} exists and is not an eval.py report: write elsewhere")
     names = {}
     for qpath in args.questions:

@@ -87,8 +87,8 @@ def parse_args(argv=None):
         parser.error("--data needs --out")
     if args.image and not args.question:
         parser.error("--image needs --question")
-    if args.question and common.special_token_in(args.question):
-        parser.error(f"--question holds the special token {common.special_token_in(args.question)}")
+    if args.question and (token := common.special_token_in(args.question)):
+        parser.error(f"--question holds the special token {token}")
     return args
 
 
@@ -175,13 +175,14 @@ def step(model, processor, examples, images, features, gen):
 
 
 def run_file(model, processor, records, image_root, out_path, made_by, inputs, batch_size=16, show_progress=True,
-             **chain_kw):
+             flag="--out", **chain_kw):
     """Answer every record not yet in out_path, appending one line per record as each batch finishes; a
     second run on the same out_path is refused while this one lives (it would answer every record twice), and
     so is a rerun with other weights, settings or data (`made_by`, stamped next to the file: the rows would
-    mix), or an out_path that is one of the `inputs` or no earlier run's output (common.claim_appended_output).
+    mix), or an out_path that is one of the `inputs` or no earlier run's output (common.claim_appended_output;
+    flag: the option that named out_path, for errors).
     Returns (rows written now, rows already there, records whose image failed to load)."""
-    common.claim_appended_output(out_path, "--out", inputs, made_by)
+    common.claim_appended_output(out_path, flag, inputs, made_by)
     done = {row.get("id") for row in common.resume_jsonl(out_path)}
     todo = [rec for rec in records if rec["id"] not in done]
     errors_path = out_path + ".errors.jsonl"

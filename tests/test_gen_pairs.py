@@ -199,9 +199,10 @@ def test_output_lines_bad_image_and_ranks(toy, tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     # Rank 1 exits 0 (an early non-zero exit would make torchrun stop rank 0); rank 0, after merging, exits 1
     # naming the list of questions it could not answer.
-    for p, rc in zip(procs, (0, 1)):
-        assert p.wait(timeout=300) == rc, p.stderr.read()[-3000:]
-    assert f"1 question(s) not answered" in procs[1].stderr.read()
+    errs = [p.communicate()[1] for p in procs]  # no time bound: a loaded machine is slower, not broken
+    for p, rc, err in zip(procs, (0, 1), errs):
+        assert p.returncode == rc, err[-3000:]
+    assert "1 question(s) not answered" in errs[1]
     rows = common.read_jsonl(out)
     assert [r["id"] for r in rows] == [recs[i]["id"] for i in (0, 1, 3, 4)]  # data order, the bad one skipped
     assert [e["id"] for e in common.read_jsonl(out + ".errors.jsonl")] == [recs[2]["id"]]
@@ -216,7 +217,8 @@ def test_output_lines_bad_image_and_ranks(toy, tmp_path):
     procs = [subprocess.Popen(gen_cmd(toy, data, out), cwd=ROOT, env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     for p in procs:
-        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+        err = p.communicate()[1]
+        assert p.returncode == 0, err[-3000:]
     assert [r["id"] for r in common.read_jsonl(out)] == [r["id"] for r in recs]
     assert common.read_jsonl(out)[:2] == rows[:2] and not os.path.exists(out + ".errors.jsonl")
 

@@ -55,7 +55,7 @@ def test_resume_latest_ignores_unfinished_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-6", "checkpoint-9.tmp", "checkpoint-x", "final"]
 
 
-def test_resume_refuses_another_stage_another_finetune_or_a_finished_run(tmp_path):
+def test_resume_refuses_another_stage_another_finetune_or_a_checkpoint_past_the_end(tmp_path):
     ckpt = tmp_path / "checkpoint-6"
     os.makedirs(ckpt)
     (ckpt / "training_state.pt").write_bytes(b"")
@@ -65,8 +65,9 @@ def test_resume_refuses_another_stage_another_finetune_or_a_finished_run(tmp_pat
         assert common.resolve_resume(args, "rl_stage1", 7) == str(ckpt)
         with pytest.raises(common.DataError, match=r"checkpoint-6: a checkpoint of rl_stage1, not of rl_stage2$"):
             common.resolve_resume(args, "rl_stage2", 7)
-        with pytest.raises(common.DataError, match=r"at step 6, and this run ends at step 6: nothing left to train"):
-            common.resolve_resume(args, "rl_stage1", 6)
+        assert common.resolve_resume(args, "rl_stage1", 6) == str(ckpt)  # only final/ left to write
+        with pytest.raises(common.DataError, match=r"at step 6, past this run's last step 5"):
+            common.resolve_resume(args, "rl_stage1", 5)
         with pytest.raises(common.DataError, match=r"trained with --finetune lora, this run has --finetune full$"):
             common.resolve_resume(argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="full"),
                                   "rl_stage1", 7)

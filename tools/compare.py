@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from eval import COLUMNS, fmt  # noqa: E402
+from eval import COLUMNS, fmt, is_report  # noqa: E402
 
 ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
                 "box_acc": lambda item: None if item.get("iou") is None else float(item["iou"] > 0.5),
@@ -33,7 +33,7 @@ def read_report(path):
         raise common.DataError(f"cannot read the report {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise common.DataError(f"{path} is not an eval.py report (not JSON: {e})") from None
-    if not isinstance(report, dict) or not {"protocol", "label"} <= report.keys():
+    if not is_report(report):
         raise common.DataError(f"{path} is not an eval.py report (no 'protocol' and 'label')")
     if report["protocol"] not in COLUMNS or not isinstance(report["label"], str):
         raise common.DataError(f"{path}: protocol {report['protocol']!r} is none of eval.py's, or its label "

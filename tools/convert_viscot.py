@@ -63,7 +63,9 @@ def convert_benchmark(items, sizes, image_root, path):
             item["image"][0], item["image"][1], [turn["value"] for turn in item["conversations"][:4]],
             item["dataset"], item["question_id"]))
         m = re.search(r"###\s*(\[.*\])\s*$", str(tagged))
-        bbox = fields(where, shape, lambda: json.loads(m.group(1)) if m else {}["###[x1, y1, x2, y2] in image[1]"])
+        if m is None:
+            raise common.DataError(f"{where}: image[1] has no '###[x1, y1, x2, y2]' box: {tagged!r}")
+        bbox = fields(where, shape, lambda: json.loads(m.group(1)))
         question = fields(where, shape, lambda: conv[0].replace("<image>", "").strip())
         if question.endswith(BOX_PROMPT.strip()):
             question = question[: -len(BOX_PROMPT.strip())].strip()
