@@ -36,6 +36,7 @@ chain         our records through the two-step chain: the box metrics of groundi
 """
 import contextlib
 import json
+import math
 import os
 import re
 import sys
@@ -161,9 +162,14 @@ def load_questions(protocol, path):
             raise common.DataError(f"{path}: no questions" + (" (a COCO file with images, annotations and "
                                                               "categories)" if protocol == "virft-det" else ""))
         return questions
-    if protocol in ("chain", "zoom"):
-        return common.read_records(path)
-    return [row for _, row in common.input_rows(path, "questions")]
+    records = common.read_records(path) if protocol in ("chain", "zoom") else \
+        [row for _, row in common.input_rows(path, "questions")]
+    if protocol in ("grounding", "chain", "zoom"):  # checked before --model spends an inference pass on them
+        for i, rec in enumerate(records, 1):
+            if rec.get("bbox") is None:
+                raise common.DataError(f"{path}: row {i} ({record_id(rec)!r}) has no bbox (the {protocol} "
+                                       "protocol scores the model's box against it)")
+    return records
 
 
 def by_key(rows, key, path):
@@ -439,28 +445,59 @@ def virft_to_coco_dets(pred_rows, gt, parser="virft"):
                 counts["unscored"] += 1
                 continue
             dets.append({"image_id": row["image_id"], "category_id": row["category_id"], "bbox": box,
-                         "score": float(score)})
+                         "score": score})
     return dets, counts
+
+
+def finite_or_inf(score):
+    """A confidence as a float; an integer beyond float range ranks first or last, as pycocotools' Python
+    comparisons rank it (two such integers tie here, where it would order them)."""
+    try:
+        return float(score)
+    except OverflowError:
+        return math.inf if score > 0 else -math.inf
 
 
 def coco_iou(d, g, crowd):
     """IoU of xywh boxes, (D,4) x (G,4) -> (D,G), as maskUtils.iou (bbIou in maskApi.c).
-    For crowd gts the union is the det area alone (a det inside a crowd region = 1)."""
+    For crowd gts the union is the det area alone (a det inside a crowd region = 1). C's fmin/fmax pass over
+    a NaN coordinate and its `w <= 0` test lets a NaN width through, so a det with a NaN in its box gets a
+    NaN or finite IoU, never the 0 that numpy's minimum/maximum and a `w > 0` test would give."""
     d, g = np.asarray(d, float).reshape(-1, 4), np.asarray(g, float).reshape(-1, 4)
     dx, dy, dw, dh = (d[:, None, j] for j in range(4))
     gx, gy, gw, gh = (g[None, :, j] for j in range(4))
-    w = np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx)
-    h = np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy)
-    overlap = (w > 0) & (h > 0)
-    inter = np.where(overlap, w * h, 0.0)
-    union = np.where(crowd[None, :], dw * dh, dw * dh + gw * gh - inter)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # NaN and inf boxes are scored, not warned about
+        w = np.fmin(dw + dx, gw + gx) - np.fmax(dx, gx)
+        h = np.fmin(dh + dy, gh + gy) - np.fmax(dy, gy)
+        overlap = ~(w <= 0) & ~(h <= 0)
+        inter = np.where(overlap, w * h, 0.0)
+        union = np.where(crowd[None, :], dw * dh, dw * dh + gw * gh - inter)
         return np.where(overlap, inter / union, 0.0)
+
+
+def match_like_pycocotools(row, thrs, gt_taken, crowd, ignored, gid, dtm, dt_ig):
+    """One det's matches, threshold by threshold, with evaluateImg's own loop: the vectorised rule below
+    reads `iou >= best` where pycocotools skips a gt when `iou < best`, and the two part on NaN (a NaN IoU
+    is never below the best, so it matches, and every later free gt then replaces it). Fills dtm and dt_ig
+    (this det's columns) and marks the gts taken."""
+    for t, best in enumerate(thrs):
+        m = -1
+        for gi, value in enumerate(row):
+            if gt_taken[t, gi] and not crowd[gi]:
+                continue
+            if m > -1 and not ignored[m] and ignored[gi]:
+                break
+            if value < best:
+                continue
+            best, m = value, gi
+        if m > -1:
+            dtm[t], dt_ig[t], gt_taken[t, m] = gid[m], ignored[m], True
 
 
 def _evaluate_img(gts, dts, ious, a_rng):
     """pycocotools evaluateImg for one (image, category, area range); dts already sorted
-    by score and cut to 100.  Returns (scores, dt_matches (T,D), dt_ignore (T,D), gt_ignore)."""
+    by score and cut to 100.  Returns (scores, dt_matches (T,D), dt_ignore (T,D), gt_ignore, and which
+    scores were integers beyond float range)."""
     lo, hi = a_rng
     area = np.array([g["area"] for g in gts], float)  # gt area is the "area" field, not w*h
     crowd = np.array([bool(g.get("iscrowd", 0)) for g in gts], bool)
@@ -479,6 +516,9 @@ def _evaluate_img(gts, dts, ious, a_rng):
         iou = ious[:, order]
         for di in range(D):  # greedy in score order; all thresholds at once
             row = iou[di]
+            if np.isnan(row).any():
+                match_like_pycocotools(row, thr[:, 0], gt_taken, cr, ig, gid, dtm[:, di], dt_ig[:, di])
+                continue
             ok = (~gt_taken | cr) & (row >= thr)  # crowd gts can absorb many dets
             # pycocotools breaks at the first ignored gt once it holds a non-ignored match,
             # so ignored gts are only candidates when no non-ignored gt qualifies.
@@ -492,7 +532,8 @@ def _evaluate_img(gts, dts, ious, a_rng):
             dtm[hit, di], dt_ig[hit, di], gt_taken[hit, m] = gid[m], ig[m], True
     dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts], float)  # as loadRes
     dt_ig |= (dtm == 0) & ((dt_area < lo) | (dt_area > hi))[None, :]
-    return np.array([d["score"] for d in dts], float), dtm, dt_ig, gt_ig
+    return (np.array([d["score"] for d in dts], float), dtm, dt_ig, gt_ig,
+            np.array([d["beyond_float"] for d in dts], bool))
 
 
 def coco_map(gt, dets):
@@ -520,7 +561,9 @@ def coco_map(gt, dets):
     dts = defaultdict(list)
     for d in dets:
         if d["image_id"] in img_set and d["category_id"] in cat_set:
-            dts[d["image_id"], d["category_id"]].append(d)
+            score = finite_or_inf(d["score"])
+            dts[d["image_id"], d["category_id"]].append(
+                dict(d, score=score, beyond_float=isinstance(d["score"], int) and math.isinf(score)))
 
     # evaluate: evals[k][a] = per-image results, None when no gt and no det.
     K, A, M, T, R = len(cat_ids), len(AREA_RNGS), len(MAX_DETS), len(IOU_THRS), len(REC_THRS)
@@ -553,6 +596,7 @@ def coco_map(gt, dets):
                 inds = np.argsort(-scores, kind="mergesort")  # ties: image order, then rank
                 dtm = np.concatenate([e[1][:, :max_det] for e in E], axis=1)[:, inds]
                 dt_ig = np.concatenate([e[2][:, :max_det] for e in E], axis=1)[:, inds]
+                beyond = np.concatenate([e[4][:max_det] for e in E])[inds]
                 tp = np.cumsum((dtm != 0) & ~dt_ig, axis=1).astype(float)
                 fp = np.cumsum((dtm == 0) & ~dt_ig, axis=1).astype(float)
                 nd = tp.shape[1]
@@ -562,10 +606,16 @@ def coco_map(gt, dets):
                 pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]  # monotone from right
                 for t in range(T):
                     idx = np.searchsorted(rc[t], REC_THRS, side="left")
-                    # pycocotools fills q until the first index past the end (IndexError)
-                    # and leaves the rest 0; idx is non-decreasing, so a mask is equivalent.
+                    # pycocotools fills q in a bare try/except and leaves the rest 0 from the first index
+                    # past the end (IndexError, before q[ri] is set) or the first det whose integer score
+                    # its float array cannot hold (OverflowError, after); idx is non-decreasing.
+                    filled = idx < nd
+                    if nd and beyond.any():
+                        overflow = np.nonzero(filled & beyond[np.minimum(idx, nd - 1)])[0]
+                        if overflow.size:
+                            filled[overflow[0] + 1:] = False
                     q = np.zeros(R)
-                    q[idx < nd] = pr[t, idx[idx < nd]]
+                    q[filled] = pr[t, idx[filled]]
                     precision[t, :, k, a, m] = q
 
     # summarize
@@ -683,8 +733,6 @@ def score_grounding(records, preds, args, paths):
     by_id = matched_predictions(records, preds, paths)
     records = with_size(records, args.image_root or os.path.dirname(os.path.abspath(paths[0])))
     for i, rec in enumerate(records, 1):
-        if rec.get("bbox") is None:
-            raise common.DataError(f"{paths[0]}: row {i} ({record_id(rec)!r}) has no bbox")
         common.check_box(rec["bbox"], f"{paths[0]}: row {i} ({record_id(rec)!r}): bbox", rec["width"], rec["height"])
     boxes = [predicted_box(by_id.get(record_id(rec)), rec, args) for rec in records]
     metrics, ious = box_metrics([(b, rec["bbox"]) for b, rec in zip(boxes, records)])

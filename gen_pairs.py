@@ -11,9 +11,10 @@ tries, at most --random_tries tries) placed with zero overlap. Each box's crop g
 (--answer_temperature). One generate call per step for the whole batch of questions; each image goes
 through the vision tower once per batch (full images once for both steps, each crop once).
 
-Judges: rule (s_R: --rule_metric of the answer vs the reference; s_B: the share of the annotated box inside
-the crop when the record has a box, else the rule score of a greedy answer from the crop alone: the answer
-prompt with the crop in place of the full image as well), model (a
+Judges: rule (s_R: --rule_metric of the answer vs the reference; s_B: the IoU of the candidate's box with the
+annotated box when the record has one (--box_score coverage: the annotated box's share inside the crop), else
+the rule score of a greedy answer from the crop alone: the answer prompt with the crop in place of the full
+image as well), model (a
 local VLM with VisRL's two judge prompts: the answer judge sees the full image, the box judge the crop;
 {"score": x} parsed), http (the same prompts to an OpenAI-compatible endpoint, concurrent, retried; a failed
 call leaves the score null, recorded and counted, not fatal).
@@ -85,6 +86,10 @@ def parse_args(argv=None):
     j.add_argument("--judge", default="rule", choices=["rule", "model", "http"], help="who scores candidates")
     j.add_argument("--rule_metric", default="f1", choices=sorted(common.RULE_JUDGES),
                    help="rule judge: token F1 (default), normalised exact match or ANLS")
+    j.add_argument("--box_score", default="iou", choices=["iou", "coverage"],
+                   help="rule, a record with a box: s_B = IoU of the candidate's box with it (SPEC 4.2), or the "
+                        "share of it inside the crop (VisRL's judge question read literally; a whole-image box "
+                        "scores 1)")
     j.add_argument("--ignore_bbox", action="store_true",
                    help="rule: score crops without the records' annotated boxes (as on box-free data)")
     j.add_argument("--judge_model", default=None, help="model: checkpoint directory; http: the model name")
@@ -188,7 +193,8 @@ class Judge:
                 continue
             cand["s_R"] = self.metric(cand["answer"], rec["answer"])
             if rec.get("bbox") and not self.args.ignore_bbox:
-                cand["s_B"] = coverage(cand["crop"], rec["bbox"])
+                cand["s_B"] = (common.box_iou(cand["box"], rec["bbox"]) if self.args.box_score == "iou"
+                               else coverage(cand["crop"], rec["bbox"]))
             else:
                 crop_only.append((rec, full, cand))
         if crop_only:

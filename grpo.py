@@ -113,7 +113,7 @@ def parse_args(argv=None):
     r.add_argument("--ref_model", default=None, help="--reference model: its directory (default: the starting model)")
     r.add_argument("--merge_for_generation", action=argparse.BooleanOptionalAction, default=True,
                    help="LoRA: fold the adapter into the weights while generating (restored exactly after)")
-    r.add_argument("--sample_steps", type=common.COUNT, default=10, help="write one group's completions every N steps")
+    r.add_argument("--sample_steps", type=common.COUNT, default=10, help="write one group's completions at the first step and every N steps")
     r.add_argument("--eval_batch_size", type=common.POSITIVE_INT, default=32,
                    help="prompts per generate call when evaluating")
     common.add_model_args(parser)
@@ -511,18 +511,18 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
 
 
 def score(rollouts, prompts, args):
-    """Per reward function a list over rollouts, and the weighted total (0 for a rollout whose output could
-    not be used: a vision token in it, or for focus an unparsable box)."""
+    """Per reward function a list over rollouts, and the weighted total. A rollout whose output could not be
+    used (a vision token in it, or for focus an unparsable box) scores 0 under every function, so that the
+    logged per-function means add up to the reward that was trained on."""
     completions = [r["text"] for r in rollouts]
     fields = {k: [prompts[r["prompt"]]["rec"].get(k) for r in rollouts] for k in RECORD_FIELDS}
     fields = {k: (v if any(x is not None for x in v) else None) for k, v in fields.items()}
     fields["calls"] = [r.get("calls", 0) for r in rollouts]
-    per_fn = {name: REWARDS[name](completions, **fields, box_format=args.box_format, rule_metric=args.rule_metric)
+    usable = [not r["invalid"] and (args.task != "focus" or r["box"] is not None) for r in rollouts]
+    per_fn = {name: [v if ok else 0.0 for v, ok in zip(REWARDS[name](completions, **fields, box_format=args.box_format,
+                                                                      rule_metric=args.rule_metric), usable)]
               for name in args.rewards}
-    total = []
-    for k, r in enumerate(rollouts):
-        usable = not r["invalid"] and (args.task != "focus" or r["box"] is not None)
-        total.append(sum(w * per_fn[n][k] for n, w in zip(args.rewards, args.reward_weights)) if usable else 0.0)
+    total = [sum(w * per_fn[n][k] for n, w in zip(args.rewards, args.reward_weights)) for k in range(len(rollouts))]
     return per_fn, total
 
 
@@ -748,8 +748,10 @@ def main(argv=None):
                                                   reuse_features)
                 if args.beta:
                     if ref_model is not None:
+                        # another checkpoint's vision tower sees the images itself; the starting model's is the
+                        # policy's frozen one
                         mb["ref"], _ = sequence_logps(ref_model, ref_model, processor, mb["seqs"], args.temperature,
-                                                      rt.device, reuse_features)
+                                                      rt.device, reuse_features and args.ref_model is None)
                     else:
                         with module.disable_adapter():
                             mb["ref"], _ = sequence_logps(module, module, processor, mb["seqs"], args.temperature,
@@ -826,7 +828,7 @@ def main(argv=None):
             log.write(metrics)
         if rt.is_main:
             bar.set_postfix(reward=f"{step_reward:.3f}", kl=f"{metrics['kl']:.4f}")
-        if args.sample_steps and (step % args.sample_steps == 0):
+        if args.sample_steps and (step == 0 or (step + 1) % args.sample_steps == 0):
             mb = micro[0]  # the step's first group
             samples.write({"step": step + 1, "id": mb["prompts"][0]["rec"]["id"], "prompt": mb["prompts"][0]["text"],
                            "completions": [{"box_text": r.get("box_text"), "views": r.get("views"), "text": r["text"],

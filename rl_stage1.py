@@ -220,7 +220,8 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     with open(path, "a", encoding="utf-8") if rt.is_main else open(os.devnull, "w") as out:
         for b in common.progress(range(n_batches), rt.is_main and n_batches > 0, desc="reference", unit="batch"):
             chunk = mine[b * args.batch_size:(b + 1) * args.batch_size] or todo[:1]  # padding keeps ranks in step
-            logp, mask = sequence_logps(model, rt.module, processor, chunk, rt.device)
+            with rt.autocast():  # the policy's forward precision, so that the first step's log-ratio is 0
+                logp, mask = sequence_logps(model, rt.module, processor, chunk, rt.device)
             sums = preference_sums(logp, mask, args.preference_eos).tolist()
             rows = [{"key": u["key"], "chosen": sums[2 * i], "rejected": sums[2 * i + 1]} for i, u in enumerate(chunk)]
             if rt.world > 1:
@@ -317,7 +318,9 @@ def evaluate(rt, model, processor, units, ref, args, ref_model):
     sums = {}
     for s in range(0, len(units), args.batch_size):
         chunk = units[s:s + args.batch_size]
-        common.add_sums(sums, metric_sums(chunk, preference_terms(rt, model, processor, chunk, ref, args, ref_model)))
+        with rt.autocast():
+            terms = preference_terms(rt, model, processor, chunk, ref, args, ref_model)
+        common.add_sums(sums, metric_sums(chunk, terms))
     model.train()
     return finish_metrics(sums, "eval_")
 

@@ -46,17 +46,14 @@ if not set(args.steps.split(",")) <= set(KINDS):
     parser.error(f"--steps takes a comma-separated subset of {KINDS}, got {args.steps!r}")
 
 
-def kind_of(ex):
-    return ex.kind  # set by build_examples
-
-
 def build_examples(records, processor, show_progress):
-    """Both steps of every record that has a box, the zoom trace of every record that has one; over-long
-    examples are skipped and counted. Every image is decoded and checked against its record first
-    (common.check_images)."""
-    usable = [rec for rec in records if rec.get("bbox") is not None or rec.get("zooms") is not None]
-    examples, skipped = [], {"no_bbox": len(records) - len(usable), "too_long": 0}
+    """The --steps of every record: both steps of a record that has a box, the zoom trace of one that has one;
+    records with nothing for these steps (no_bbox) and over-long examples are skipped and counted. Every image
+    is decoded and checked against its record first (common.check_images)."""
     steps = set(args.steps.split(","))
+    usable = [rec for rec in records if (rec.get("bbox") is not None and steps & {"focus", "answer"})
+              or (rec.get("zooms") is not None and "zoom" in steps)]
+    examples, skipped = [], {"no_bbox": len(records) - len(usable), "too_long": 0}
     sizes = common.check_images(usable, args.image_root, show_progress)
     min_crop = common.token_pixels(processor)
     for rec, (w, h) in zip(common.progress(usable, show_progress, desc="examples"), sizes):
@@ -127,7 +124,7 @@ def main():
         idx = common.step_indices(len(examples), step, global_batch, args.seed)
         mine = idx[rt.rank * per_rank:(rt.rank + 1) * per_rank]
         # Label-token counts of the whole global batch: the loss normaliser, overall and per step kind.
-        n_labels = {kind: sum(examples[i].n_labels for i in idx if kind_of(examples[i]) == kind) for kind in KINDS}
+        n_labels = {kind: sum(examples[i].n_labels for i in idx if examples[i].kind == kind) for kind in KINDS}
         for m in range(args.grad_accum):
             plan.append((mine[m * args.batch_size:(m + 1) * args.batch_size], n_labels))
     pad_id = processor.tokenizer.pad_token_id
@@ -136,7 +133,7 @@ def main():
     loader = torch.utils.data.DataLoader(
         plan, batch_size=None, num_workers=args.num_workers, generator=torch.Generator().manual_seed(args.seed),
         collate_fn=lambda item: (common.collate([common.encode(processor, examples[i]) for i in item[0]], pad_id),
-                                 [kind_of(examples[i]) for i in item[0]], item[1]))
+                                 [examples[i].kind for i in item[0]], item[1]))
 
     model.train()
     meter = common.Throughput()

@@ -385,6 +385,10 @@ CASES = [
         W, tmp, 0, {}, drop=["question"]), W.train), r"bad\.jsonl:1: field 'question' must be a non-empty string")),
     ("eval-grounding-unparsable-truth", lambda W, tmp: (evaluate(W, tmp / "r.json", "grounding", changed(
         W, tmp, 2, {"bbox": "[1, 2, 3, 4]"}), W.train), r"bad\.jsonl: row 3 \('train-2'\): bbox must be \[x1")),
+    ("eval-chain-record-without-bbox-before-inference", lambda W, tmp: (
+        ("eval.py", "--protocol", "chain", "--questions", changed(W, tmp, 1, {}, drop=["bbox"]), "--model", W.model,
+         "--out", tmp / "r.json", "--image_root", W.root),
+        r"bad\.jsonl: row 2 \('train-1'\) has no bbox \(the chain protocol scores the model's box against it\)")),
     ("eval-empty-questions", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", lines_with(tmp / "q.jsonl", []),
                                                       W.train), r"q\.jsonl: no records")),
     ("eval-virft-det-without-images", lambda W, tmp: (evaluate(W, tmp / "r.json", "virft-det", file_at(

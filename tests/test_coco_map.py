@@ -152,6 +152,30 @@ def test_gt_tie_goes_to_last_gt_and_gt_id_zero_is_unmatched():
     assert s['AP'] == 0 and s['AR100'] == 0
 
 
+@pytest.mark.parametrize('seed', [21, 22, 23])
+def test_matches_pycocotools_with_nan_in_boxes(seed):
+    # A model can write NaN (json.loads reads it): pycocotools' C IoU (fmin/fmax, `w <= 0`) gives such a det a
+    # NaN or a finite IoU, and a NaN IoU is never `< best` in evaluateImg, so it matches and later free gts
+    # replace it. Some dets get a NaN in one coordinate or several, crowd gts among the gts.
+    gt, dets = make_case(seed, crowd_frac=0.2)
+    rng = np.random.default_rng(seed)
+    for d in dets:
+        if rng.random() < 0.15:
+            for j in rng.choice(4, size=int(rng.integers(1, 4)), replace=False):
+                d['bbox'][j] = math.nan
+    assert any(math.isnan(v) for d in dets for v in d['bbox'])
+    assert_same(gt, dets)
+    # Position [NaN, 0, x2, y2] in xywh: x and w NaN, so the det's area and its IoU are NaN: matched, AP 1
+    gt, dets = tiny([(math.nan, 0, math.nan, 10)])
+    assert assert_same(gt, dets)['AP'] == pytest.approx(1.0)
+
+
+def test_matches_pycocotools_with_a_confidence_beyond_float_range():
+    gt, dets = make_case(24)
+    dets[0]['score'], dets[1]['score'] = 10 ** 400, -10 ** 400  # json.loads reads such integers exactly
+    assert_same(gt, dets)
+
+
 def test_no_dets_and_empty_gt():
     gt, _ = tiny([])
     s = coco_map(gt, [])  # pycocotools' loadRes crashes on [], we return zeros

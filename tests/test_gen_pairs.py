@@ -160,13 +160,19 @@ def test_rule_judge_without_a_box_asks_the_crop(toy):
     model, processor = common.load_model(str(toy / "qwen2-vl")).eval(), common.load_processor(str(toy / "qwen2-vl"))
     args = gen_pairs.parse_args(["--model", "m", "--data", "d", "--out", "o", "--max_new_tokens", "6"])
     items = judge_items(["Circle.", "square"])
-    items.append(({"id": "b", "question": "q", "answer": "circle", "bbox": [0, 0, 16, 12]}, items[0][1],
-                  {"answer": "circle", "crop": [0, 0, 32, 24], "status": "ok"}))
+    boxed = {"id": "b", "question": "q", "answer": "circle", "bbox": [0, 0, 16, 12]}
+    items.append((boxed, items[0][1], {"answer": "circle", "box": [0, 0, 32, 24], "crop": [0, 0, 32, 24],
+                                       "status": "ok"}))
     gen_pairs.Judge(args, model, processor).score(items)
     cands = [c for _, _, c in items]
     assert [c["s_R"] for c in cands] == [1.0, 0.0, 1.0]
-    assert cands[2]["s_B"] == 1.0  # an annotated box: its share inside the crop
+    assert cands[2]["s_B"] == 0.25  # an annotated box: its IoU with the candidate's box (SPEC 4.2)
     assert all(isinstance(c["crop_only_answer"], str) and 0 <= c["s_B"] <= 1 for c in cands[:2])
+    # --box_score coverage: the annotated box's share inside the crop, all of it here
+    args = gen_pairs.parse_args(["--model", "m", "--data", "d", "--out", "o", "--box_score", "coverage"])
+    item = (boxed, items[0][1], {"answer": "circle", "box": [0, 0, 32, 24], "crop": [0, 0, 32, 24], "status": "ok"})
+    gen_pairs.Judge(args, model, processor).score([item])
+    assert item[2]["s_B"] == 1.0
 
 
 def test_model_judge_replies_are_parsed_not_fatal(toy):

@@ -5,6 +5,7 @@ log-probs, and the script end to end (resume, launchers, bad input). Learning is
 import json
 import math
 import os
+import shutil
 import sys
 from types import SimpleNamespace
 
@@ -340,8 +341,9 @@ def test_focus_rollout_crops_its_own_box(toy, policy, box_step):
         assert crop.tobytes() == images[r["prompt"]].crop(tuple(r["crop"])).tobytes()
         assert r["seqs"][1]["images"][0] is images[r["prompt"]]
     args = rollout_args(task="focus", rewards=["answer"])
-    unparsable = [dict(rollouts[0], box=None, text="")]
-    assert grpo.score(unparsable, prompts, args)[1] == [0.0]
+    unparsable = [dict(rollouts[0], box=None, text=prompts[rollouts[0]["prompt"]]["rec"]["answer"])]
+    per_fn, total = grpo.score(unparsable, prompts, args)
+    assert per_fn == {"answer": [0.0]} and total == [0.0]  # the right answer after no box earns nothing
 
 
 def test_vision_tokens_never_reach_training(policy):
@@ -606,3 +608,26 @@ def test_policy_gain_of_a_model_against_itself_is_zero(toy, capsys):
     assert "rollouts have a non-zero advantage (2 questions)" in out
     for line in ("sampled reward on 2 questions", "sampled reward answer on 2", "sampled reward zoom_tool on 2"):
         assert f"{line}" in out and "+0.0000 ± 0.0000" in out.split(line)[1].splitlines()[0]
+
+
+def test_a_reference_checkpoint_sees_the_images_through_its_own_vision_tower(toy, tmp_path, monkeypatch):
+    """--reference model --ref_model DIR: the reference's log-probs come from its own vision tower, not from
+    the policy's features (reused for the policy alone while its tower is frozen). A reference that differs
+    from the starting model only in its vision tower has a KL above 0 at the first step; an identical copy
+    has none."""
+    monkeypatch.setitem(grpo.REWARDS, "length", length_reward)
+    model = common.load_model(str(toy / "qwen2-vl"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if common.is_vision_param(name):
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    first_kl = {}
+    for name in ("copy", "other_vision"):
+        ref = tmp_path / name
+        shutil.copytree(toy / "qwen2-vl", ref)
+        if name == "other_vision":
+            model.save_pretrained(ref)
+        grpo.main(grpo_args(toy, tmp_path / f"run_{name}", "--rewards", "length", "--max_steps", "1", "--beta",
+                            "0.1", "--reference", "model", "--ref_model", str(ref)))
+        first_kl[name] = metric_rows(tmp_path / f"run_{name}")[0]["kl"]
+    assert first_kl["copy"] < 1e-6 < 1e-4 < first_kl["other_vision"], first_kl

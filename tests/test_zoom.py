@@ -181,10 +181,10 @@ def test_zoom_rollouts_keep_their_own_turns_images_and_rewards(toy, zoom_sft):
     assert len(crops) < sum(r["calls"] for r in rollouts)  # some samples opened the same view
     per_fn, total = grpo.score(rollouts, prompts, args)
     for k, r in enumerate(rollouts):
-        right = float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"]))
-        assert per_fn["answer"][k] == right
+        right = 0.0 if r["invalid"] else float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"]))
+        assert per_fn["answer"][k] == right  # an invalid rollout scores 0 under every function, as in its total
         assert per_fn["zoom_tool"][k] == float(right == 1.0 and r["calls"] > 0)
-        assert total[k] == (0.0 if r["invalid"] else right + per_fn["zoom_tool"][k])
+        assert total[k] == right + per_fn["zoom_tool"][k]
 
 
 def test_max_context_ends_a_conversation_at_the_call_that_would_outgrow_it(toy, zoom_sft):
