@@ -134,13 +134,16 @@ def append_jsonl(f, rows):
 
 
 def validate_record(rec, where, need_answer=True):
-    """Check one record of our format (issue 2 section 4); `where` is 'file:line' for the message. Detection
-    questions carry no answer: need_answer=False accepts an empty one."""
+    """Check one record of our format (issue 2 section 4); `where` is 'file:line' for the message. Questions
+    to answer (inference, detection) need no answer: need_answer=False accepts an empty or absent one."""
+    optional = () if need_answer else ("answer",)
     for key in ("id", "image", "question", "answer"):
-        if not isinstance(rec.get(key), str) or not (rec[key].strip() or (key == "answer" and not need_answer)):
+        if key in optional and rec.get(key) is None:
+            continue
+        if not isinstance(rec.get(key), str) or not (rec[key].strip() or key in optional):
             raise DataError(f"{where}: field '{key}' must be a non-empty string, got {rec.get(key)!r}")
     for key in ("question", "answer"):
-        if token := special_token_in(rec[key]):
+        if token := special_token_in(rec.get(key) or ""):
             raise DataError(f"{where}: record {rec['id']!r}: {key} holds the special token {token} (a vision "
                             "placeholder or a turn marker of the chat template)")
     for key in ("width", "height"):
@@ -386,8 +389,9 @@ def crop_box(box, w, h, min_size):
         lo, hi = max(0.0, min(lo, limit)), max(0.0, min(hi, limit))
         size = min(limit, max(min_size, hi - lo, math.ceil(longest / MAX_ASPECT)))
         centre = (lo + hi) / 2
-        start = int(round(min(max(centre - size / 2, 0), limit - size)))
-        out.append((start, start + int(round(size))))
+        start, length = int(round(min(max(centre - size / 2, 0), limit - size))), int(round(size))
+        start = min(start, limit - length)  # start and size, each rounded half to even, can pass the edge by one
+        out.append((start, start + length))
     return [out[0][0], out[1][0], out[0][1], out[1][1]]
 
 
@@ -875,7 +879,9 @@ def processor_class(path):
 
 def resolve_dtype(name):
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        # including_emulation=False: a V100 or T4 "supports" bf16 only emulated (slow, and no flash attention)
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False) \
+            else torch.float32
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
@@ -995,6 +1001,8 @@ def bounded(kind, low=None, high=None, open_low=False, open_high=False):
 
 POSITIVE_INT, COUNT, SEED = bounded(int, 1), bounded(int, 0), bounded(int, 0, 2**32 - 1 - 64)  # seed + rank
 POSITIVE, NONNEGATIVE, FRACTION = bounded(float, 0, open_low=True), bounded(float, 0), bounded(float, 0, 1)
+MIN_TEMPERATURE = 1e-5  # below it logits / T overflow to inf (sampling then fails); the server reads it as greedy
+TEMPERATURE = bounded(float, MIN_TEMPERATURE)
 
 
 def add_model_args(parser):
@@ -1051,6 +1059,12 @@ def load_for_training(args, ckpt=None):
     else:
         model = load_model(args.model, dtype, args.attn, adapter=ckpt or args.adapter, adapter_trainable=True)
     return prepare_for_training(model, args)
+
+
+def plain_name(name):
+    """A parameter's name in the bare model: PEFT's wrapper prefix and its base_layer step removed, so a
+    LoRA policy's weights and a plain reference's line up."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
 
 
 def is_vision_param(name):
@@ -1463,8 +1477,12 @@ def generate_encoded(model, processor, encoded, max_new_tokens=32, do_sample=Fal
     eos = processor.tokenizer.eos_token_id
     # synced_gpus=False: under ZeRO-3 training generates on gathered weights (Runtime.gathered), so a rank
     # need not keep stepping until every rank is done (HF's default there), nor call generate when others do.
+    # Every setting that shapes the distribution given here, so a checkpoint's generation_config.json (Qwen2-VL's
+    # and Qwen2.5-VL's carry top_k 1, top_p 0.001, repetition_penalty 1.05) cannot reach in: samples come from
+    # the policy at `temperature` as the GRPO loss assumes, and greedy is the argmax.
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature if do_sample else None, top_p=None, top_k=None,
+                         repetition_penalty=1.0, no_repeat_ngram_size=0,
                          pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=eos, synced_gpus=False,
                          max_time=max_time)
     results = []
@@ -1623,6 +1641,10 @@ class Runtime:
 
     def __init__(self, args, stage):
         self.args, self.stage = args, stage  # the stage's name is written into its checkpoints (resolve_resume)
+        if args.dtype == "fp16" and not args.deepspeed:
+            raise DataError("--dtype fp16 trains only under --deepspeed (its loss scaling keeps small gradients "
+                            "from underflowing to 0); use bf16 or fp32")
+        self.order = None  # what decides each step's items, written into checkpoints too (data_order)
         self.rank = int(os.environ.get("RANK", "0"))
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1644,14 +1666,22 @@ class Runtime:
         elif self.world > 1:
             torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.is_main = self.rank == 0
+        self.zero3 = bool(self.ds_config) and self.ds_config.get("zero_optimization", {}).get("stage") == 3
         # The same seed on every rank while the model is built (LoRA init must agree across ranks, ZeRO-3
         # partitions whatever each rank holds); setup() then gives each rank its own stream for dropout.
         seed_everything(args.seed)
         self._hf_ds = None
-        if self.ds_config and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
+        if self.zero3:
             # Tells from_pretrained to partition weights as they load (a 7B model never sits whole on a rank).
             from transformers.integrations import HfDeepSpeedConfig
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)
+
+    def data_order(self, n_items, global_batch):
+        """What decides the items each step draws (step_indices): kept for this run's checkpoints, and a
+        --resume from a checkpoint drawn in another order is refused (resolve_resume)."""
+        self.order = {"items": n_items, "global_batch": global_batch, "seed": self.args.seed,
+                      "data": file_fingerprint(self.args.data)}
+        return self.order
 
     def _deepspeed_config(self):
         a = self.args
@@ -1722,13 +1752,22 @@ class Runtime:
     def frozen(self, model):
         """A model that only runs forward (a reference), on this rank's device. Under ZeRO-3 it was loaded
         partitioned (from_pretrained sees the ZeRO-3 config), so it gets an inference engine whose hooks
-        gather each layer's weights as it runs; elsewhere it is a plain copy on the device."""
+        gather each layer's weights as it runs, and DeepSpeed casts it as it casts the policy. Elsewhere it is a
+        plain copy on the device, each weight in the dtype of the policy's weight of that name: setup() keeps
+        the policy's trainable weights in float32 (without DeepSpeed) or ZeRO-2 casts a LoRA policy's adapter to
+        bf16 (PEFT loads the reference's in float32), and under autocast embeddings, norms and LoRA run in
+        their weight's dtype, so a reference loaded as is would start the run with a non-zero KL."""
         model.eval().requires_grad_(False)
-        if self.use_deepspeed and self.ds_config.get("zero_optimization", {}).get("stage") == 3:
+        if self.zero3:
             import deepspeed
             engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
             engine.eval()
             return engine.module
+        policy = {plain_name(n): p.dtype for n, p in self.module.named_parameters()}
+        for name, p in model.named_parameters():
+            dtype = policy.get(plain_name(name), p.dtype)
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
         return model.to(self.device)
 
     @contextlib.contextmanager
@@ -1736,7 +1775,7 @@ class Runtime:
         """ZeRO-3: the whole model's weights gathered on every rank while generating, with DeepSpeed's hooks
         off meanwhile, so decoding runs on full weights instead of all-gathering every layer for every new
         token; memory for one full copy per rank. Elsewhere nothing to do."""
-        if not (self.use_deepspeed and self.engine.zero_optimization_stage() == 3):
+        if not self.zero3:
             yield
             return
         import deepspeed
@@ -1884,7 +1923,7 @@ def save_checkpoint(rt, processor, out_dir, step, extra=None):
             state.update(optimizer=rt.optimizer.state_dict(), scheduler=rt.scheduler.state_dict())
         torch.save(state, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, CHECKPOINT_INFO), "w") as f:  # what --resume checks before loading anything
-            json.dump({"stage": rt.stage, "finetune": rt.args.finetune, "step": step}, f)
+            json.dump({"stage": rt.stage, "finetune": rt.args.finetune, "step": step, "order": rt.order}, f)
     # Every rank's RNG: dropout and sampling continue as if never stopped.
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rt.rank}.pt"))
     rt.barrier()
@@ -1905,7 +1944,7 @@ def save_last(rt, processor, out_dir, step):
 def gathered_state_dict(rt):
     """Under ZeRO-3 each rank holds a slice of every weight: gather a full 16-bit copy for saving (a
     collective, every rank calls it). None elsewhere: save_pretrained reads the module itself."""
-    if rt.use_deepspeed and rt.engine.zero_optimization_stage() == 3:
+    if rt.zero3:
         return rt.engine._zero3_consolidated_16bit_state_dict()
     return None
 
@@ -2113,15 +2152,17 @@ def checkpoint_steps(out_dir):
     return [int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
 
 
-CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune and step
+CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune, step and data order
 
 
-def resolve_resume(args, stage, total_steps):
+def resolve_resume(args, stage, total_steps, order=None):
     """--resume latest -> the newest complete checkpoint in --output_dir (None if there is none); a directory
-    given by name must be a checkpoint. Either must be this stage's, trained with this --finetune, and not
-    past total_steps (its optimizer state would not fit another stage's or mode's parameters, and a run that
-    ends before the checkpoint would save it again as its own step). At total_steps the run only writes
-    final/ again: what a run killed between its last checkpoint and final/ needs."""
+    given by name must be a checkpoint. Either must be this stage's, trained with this --finetune, not past
+    total_steps (its optimizer state would not fit another stage's or mode's parameters, and a run that ends
+    before the checkpoint would save it again as its own step), and drawn in this run's data order (Runtime.
+    data_order: the same data, item count, seed and global batch, or the resumed run would skip or repeat
+    items). At total_steps the run only writes final/ again: what a run killed between its last checkpoint
+    and final/ needs."""
     if args.resume != "latest":
         if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
             raise DataError(f"--resume {args.resume}: not a checkpoint (no training_state.pt); give a checkpoint-N "
@@ -2148,6 +2189,19 @@ def resolve_resume(args, stage, total_steps):
         if saved_step > total_steps:
             raise DataError(f"--resume {ckpt}: at step {saved_step}, past this run's last step {total_steps} (a "
                             "larger --max_steps or more epochs continues it)")
+        saved_order = info.get("order")
+        if order and saved_order and saved_order != order:
+            changed = ", ".join(f"{k} {saved_order.get(k)!r} -> {v!r}" for k, v in order.items()
+                                if saved_order.get(k) != v)
+            raise DataError(f"--resume {ckpt}: drawn in another data order ({changed}), so the rest of the run "
+                            "would skip or repeat items; resume with its --data, --seed and global batch "
+                            "(--batch_size x --grad_accum x ranks)")
+    named = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(os.path.normpath(ckpt)))
+    newer = sorted(s for s in checkpoint_steps(args.output_dir) if named and s > int(named.group(1)))
+    if newer:  # the abandoned run's: pruning keeps the highest steps, and --resume latest would take them
+        raise DataError(f"--resume {ckpt}: --output_dir holds later checkpoints ("
+                        + ", ".join(f"checkpoint-{s}" for s in newer) + ") of the run this one would replace; "
+                        "move them away first, or resume from the latest")
     return ckpt
 
 
@@ -2164,7 +2218,9 @@ def start_step(rt, ckpt, *logs):
 def load_checkpoint(rt, ckpt):
     """Restore optimizer, schedule, RNG; returns the saved training state (step, extra). The weights were
     loaded with the model (load_model from the checkpoint directory)."""
-    state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=False)
+    # On the CPU first: saved from rank 0's GPU, the optimizer state would otherwise land whole on every rank's
+    # cuda:0 before load_state_dict moves it to the parameters' device.
+    state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=False)
     if rt.use_deepspeed:
         rt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
     else:
@@ -2172,7 +2228,7 @@ def load_checkpoint(rt, ckpt):
         rt.scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(ckpt, f"rng_state_{rt.rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
     return state
 
 

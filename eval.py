@@ -41,7 +41,7 @@ import os
 import re
 import sys
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -197,6 +197,26 @@ def answered_once(questions, preds, key):
     return len(asked - set(answered)), len(answered) - len(set(answered))
 
 
+def lines_against_questions(questions, preds, paths):
+    """Visual-CoT's answer lines carry their question's box and image size but question_id 0 on every line:
+    matched to the questions by (bbox, width, height), counted with multiplicity (two questions may ask about
+    one box). Returns (questions no line answers, lines beyond their questions'); a line that matches no
+    question (predictions of another file) is an error."""
+    def key(row):  # numbers as floats: 215 and 215.0 are one box
+        try:
+            return tuple(float(v) for v in row["bbox"]) + (float(row["width"]), float(row["height"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+    asked, answered = Counter(key(q) for q in questions), Counter(key(p) for p in preds)
+    unknown = [k for k in answered if k not in asked]
+    if unknown:
+        raise common.DataError(f"{paths[1]}: {sum(answered[k] for k in unknown)} prediction lines carry a box and "
+                               f"image size no question of {paths[0]} has (first: {unknown[0]}): predictions of "
+                               "another file?")
+    return (sum(max(0, n - answered[k]) for k, n in asked.items()),
+            sum(max(0, n - asked[k]) for k, n in answered.items()))
+
+
 def matched_predictions(records, preds, paths):
     """Predictions by id for records whose ids are unique: a repeated question id, or a prediction id that
     names no question (predictions of another file), is an error naming the files."""
@@ -250,7 +270,7 @@ def score_viscot_det(questions, preds, args, paths):
     if preds and all(all(k in p for k in ("bbox", "height", "width")) for p in preds):
         items = [(p.get("question_id"), p["bbox"], p["width"], p["height"], p.get("text")) for p in preds]
         matched_by = "prediction lines (carry bbox/height/width, as Visual-CoT's answer files)"
-        missing, repeated = answered_once(questions, preds, lambda r: r.get("question_id"))
+        missing, repeated = lines_against_questions(questions, preds, paths)
     else:
         by_id = by_key(preds, lambda p: p.get("question_id"), ppath)
         qs = by_key(questions, lambda q: q.get("question_id"), qpath)
@@ -305,13 +325,15 @@ class Judge:
 
     @staticmethod
     def parse_score(reply):
-        """Visual-CoT's parsing: lower-case; exactly one 'score: <number>'; clipped to [0, 1]; else None."""
+        """Visual-CoT's parsing: lower-case; exactly one 'score: <number>'; clipped to [0, 1]; else None. A
+        number that ends a sentence ('score: 0.8.') is read without its period, where the published float()
+        raises and stops the whole run."""
         reply = reply.lower()
         found = re.findall(r"score: ([\d\.]+)", reply) if "score" in reply else []
         if len(found) != 1:
             return None
         try:
-            return min(1.0, max(0.0, float(found[0])))
+            return min(1.0, max(0.0, float(found[0].removesuffix("."))))
         except ValueError:  # '1.2.3' matches [\d\.]+
             return None
 
@@ -777,8 +799,9 @@ def score_zoom(records, preds, args, paths, judge):
 def model_records(protocol, questions, qpath):
     """(records for infer.py, infer mode, infer row + question -> prediction line in the protocol's format)."""
     if protocol == "viscot-det":
-        recs = [{"id": str(q["question_id"]), "image": q["img_path"], "question": q["expression"], "q": q}
-                for q in questions]
+        # Visual-CoT's model_cot_det_loader.py asks "<expression lower-cased>. Please provide the bounding box ..."
+        recs = [{"id": str(q["question_id"]), "image": q["img_path"], "question": q["expression"].lower() + ".",
+                 "q": q} for q in questions]
         return recs, "focus", lambda row, rec: {"question_id": rec["q"]["question_id"], "prompt": row["question"],
                                                 "text": row["box_text"], "bbox": rec["q"]["bbox"],
                                                 "height": rec["q"]["height"], "width": rec["q"]["width"]}

@@ -67,8 +67,9 @@ def parse_args(argv=None):
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
     g.add_argument("--attempts", type=common.POSITIVE_INT, default=3,
                    help="attempts per question, 2 candidates each (VisRL: 3)")
-    g.add_argument("--box_temperature", type=common.POSITIVE, default=2.0, help="box sampling temperature (VisRL: 2)")
-    g.add_argument("--answer_temperature", type=common.POSITIVE, default=2.0,
+    g.add_argument("--box_temperature", type=common.TEMPERATURE, default=2.0,
+                   help="box sampling temperature (VisRL: 2)")
+    g.add_argument("--answer_temperature", type=common.TEMPERATURE, default=2.0,
                    help="answer sampling temperature (VisRL: 2)")
     g.add_argument("--overlap_iou", type=common.FRACTION, default=0.05,
                    help="the second box is replaced when its IoU with the first is above this")

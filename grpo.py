@@ -90,7 +90,7 @@ def parse_args(argv=None):
     r.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
                    help="zoom: a rollout's whole length in tokens (prompt, images, turns); a call that would "
                         "leave no room for a next turn of --max_new_tokens ends it (default: no limit)")
-    r.add_argument("--temperature", type=common.POSITIVE, default=1.0,
+    r.add_argument("--temperature", type=common.TEMPERATURE, default=1.0,
                    help="sampling temperature (also in the log-probs)")
     r.add_argument("--beta", type=common.NONNEGATIVE, default=0.04, help="KL weight; 0 loads no reference model")
     r.add_argument("--epsilon", type=common.bounded(float, 0, 1, open_low=True, open_high=True), default=0.2,
@@ -113,7 +113,8 @@ def parse_args(argv=None):
     r.add_argument("--ref_model", default=None, help="--reference model: its directory (default: the starting model)")
     r.add_argument("--merge_for_generation", action=argparse.BooleanOptionalAction, default=True,
                    help="LoRA: fold the adapter into the weights while generating (restored exactly after)")
-    r.add_argument("--sample_steps", type=common.COUNT, default=10, help="write one group's completions at the first step and every N steps")
+    r.add_argument("--sample_steps", type=common.COUNT, default=10,
+                   help="write one group's completions at the first step and every N steps")
     r.add_argument("--eval_batch_size", type=common.POSITIVE_INT, default=32,
                    help="prompts per generate call when evaluating")
     common.add_model_args(parser)
@@ -420,23 +421,25 @@ def first_messages(prompt, task, prompt_set):
 # --------------------------------------------------------------------------------------------- rollouts
 
 @contextlib.contextmanager
-def lora_merged(module, enabled):
+def lora_merged(module, enabled, restore=True):
     """Each LoRA folded into its base weight while generating: a decode step then launches far fewer kernels
     (at 2B size HF decoding is launch-bound; LoRA is about 40 % of the kernels). The base weights are copied
     before and copied back after, bit for bit: unmerging in bf16 would leave a rounding error in the frozen
     weights at every step. Sampling then sees the merged weights' rounding, not the training forward's:
-    a bf16-rounding difference, as with any separate generation engine."""
+    a bf16-rounding difference, as with any separate generation engine. restore=False (ZeRO-3, inside
+    Runtime.gathered): the gathered weights are thrown away on leaving it and the partitions were never
+    touched, so no copy (a second full set of base weights on every rank) is needed."""
     if not enabled:
         yield
         return
     from peft.tuners.lora import LoraLayer
     layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
-    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers] if restore else []
     module.merge_adapter()
     try:
         yield
     finally:
-        module.unmerge_adapter()
+        module.unmerge_adapter()  # PEFT's merged flags reset either way
         with torch.no_grad():
             for m, w in zip(layers, saved):
                 m.get_base_layer().weight.copy_(w)
@@ -650,7 +653,7 @@ def evaluate(rt, processor, prompts, args):
     sums, n = {}, 0
     for s in range(0, len(prompts), args.eval_batch_size):
         chunk = prompts[s:s + args.eval_batch_size]
-        with rt.autocast(), rt.gathered(), lora_merged(module, args.merge_for_generation):
+        with rt.autocast(), rt.gathered(), lora_merged(module, args.merge_for_generation, not rt.zero3):
             rollouts = rollout(module, processor, chunk, load_images(chunk, args.image_root), args, 1, False)
         per_fn, total = score(rollouts, chunk, args)
         for name, values in per_fn.items():
@@ -681,7 +684,8 @@ def main(argv=None):
     G = args.num_generations
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(prompts), args, rt.world, "prompts")
 
-    ckpt = common.resolve_resume(args, "grpo", total_steps) if args.resume else None
+    order = rt.data_order(len(prompts), global_batch)
+    ckpt = common.resolve_resume(args, "grpo", total_steps, order) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     samples = common.MetricsLog(os.path.join(args.output_dir, "samples.jsonl"), rt.is_main)
@@ -723,7 +727,7 @@ def main(argv=None):
         micro = []
         for m in range(args.grad_accum):
             chunk = [prompts[i] for i in mine[m * args.batch_size:(m + 1) * args.batch_size]]
-            with rt.autocast(), rt.gathered(), lora_merged(module, args.merge_for_generation):
+            with rt.autocast(), rt.gathered(), lora_merged(module, args.merge_for_generation, not rt.zero3):
                 rollouts = rollout(module, processor, chunk, load_images(chunk, args.image_root), args, G, True)
             per_fn, total_reward = score(rollouts, chunk, args)
             micro.append({"prompts": chunk, "rollouts": rollouts, "per_fn": per_fn, "reward": total_reward})

@@ -59,7 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
     g.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64, help="tokens per step")
     g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=common.POSITIVE, default=1.0, help="sampling temperature (with --do_sample)")
+    g.add_argument("--temperature", type=common.TEMPERATURE, default=None,
+                   help="sampling temperature (with --do_sample; default 1)")
     g.add_argument("--seed", type=common.SEED, default=0, help="sampling seed")
     g.add_argument("--max_pixels", type=common.POSITIVE_INT, default=None,
                    help="the processor's largest resized image in pixels (default: the checkpoint's own)")
@@ -83,6 +84,14 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if not args.serve and not args.data and not args.image:
         parser.error("give --data (with --out), --image with --question, or --serve")
+    if args.serve and (given := [flag for flag, on in (("--data", args.data), ("--out", args.out), ("--image",
+                       args.image), ("--mode", args.mode != "chain"), ("--do_sample", args.do_sample),
+                       ("--temperature", args.temperature is not None)) if on]):
+        parser.error(f"--serve answers each request by its own model name (two-step or zoom), temperature and "
+                     f"max_tokens: {', '.join(given)} would be ignored")
+    if args.mode == "gt_box" and not args.data:
+        parser.error("--mode gt_box crops each record's annotated bbox: give --data")
+    args.temperature = 1.0 if args.temperature is None else args.temperature
     if args.data and not args.out:
         parser.error("--data needs --out")
     if args.image and not args.question:
@@ -294,6 +303,25 @@ def chat_to_messages(messages, image_dir, max_pixels=4096 * 4096):
     return out, images
 
 
+# Request fields the server reads, and those it accepts only at the value that asks for nothing (what clients
+# send when unset); anything else is refused, as OpenAI refuses an argument it does not recognise, rather
+# than answered as if it had been honoured.
+READ_FIELDS = {"model", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "stream", "seed", "user"}
+NO_OP_VALUES = {"top_p": (1,), "stop": ([],), "logprobs": (False,), "frequency_penalty": (0,),
+                "presence_penalty": (0,), "response_format": ({"type": "text"},), "tools": ([],),
+                "tool_choice": ("none",), "parallel_tool_calls": (True, False), "store": (False,)}
+
+
+def check_fields(body):
+    for key, value in body.items():
+        if key in READ_FIELDS or value is None or value in NO_OP_VALUES.get(key, ()):
+            continue
+        if key in NO_OP_VALUES:
+            raise RequestError(400, f"'{key}' is not supported by this server (accepted only as "
+                                    f"{' or '.join(json.dumps(v) for v in NO_OP_VALUES[key])} or null)", key)
+        raise RequestError(400, f"unrecognized request argument: '{key}'", key)
+
+
 class Server:
     """The model behind a lock: requests are answered one generate call at a time."""
 
@@ -316,6 +344,7 @@ class Server:
             raise RequestError(404, f"unknown model {body.get('model')!r}; GET /v1/models lists them", "model")
         if body.get("stream"):
             raise RequestError(400, "streaming is not supported", "stream")
+        check_fields(body)
 
         def opt(key, default):  # absent or null takes the default, as in the OpenAI API (clients send null)
             return default if body.get(key) is None else body[key]
@@ -326,14 +355,21 @@ class Server:
             raise RequestError(400, "'n' must be an integer in 1..16", "n")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or \
                 not 1 <= max_tokens <= self.args.max_tokens_limit:
-            raise RequestError(400, f"'max_tokens' must be an integer in 1..{self.args.max_tokens_limit}", "max_tokens")
+            key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+            raise RequestError(400, f"'{key}' must be an integer in 1..{self.args.max_tokens_limit}", key)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
             raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+            raise RequestError(400, "'seed' must be an integer in 0..2**63-1", "seed")
         messages, images = chat_to_messages(body.get("messages"), self.args.image_dir, self.args.max_image_pixels)
-        gen = dict(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+        sample = temperature >= common.MIN_TEMPERATURE  # below it, greedy (as vLLM reads a tiny temperature)
+        gen = dict(max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                    max_time=self.args.max_generate_s)
         rid = "chatcmpl-" + uuid.uuid4().hex
         with self.lock, torch.no_grad():
+            if seed is not None:  # requests run one at a time: the same seed samples the same completions
+                torch.manual_seed(seed)
             if body["model"] != self.name:
                 choices, usage = self._focused(messages, images, n, gen, body["model"][len(self.name) + 1:])
             else:
@@ -356,8 +392,8 @@ class Server:
         if len(images) != 1:
             raise RequestError(400, f"the {kind} model needs exactly one image, got {len(images)}", "messages")
         texts = [p["text"] for m in messages if m["role"] == "user" for p in m["content"] if p["type"] == "text"]
-        question = texts[-1].strip() if texts else ""
-        if not question:
+        question = texts[-1] if texts else ""  # as batch mode reads a record's question: unstripped
+        if not question.strip():
             raise RequestError(400, f"the {kind} model needs a question in the last user text", "messages")
         mode = "zoom" if kind == "zoom" else "chain"
         rows = run_batch(self.model, self.processor, [{"id": str(i), "question": question} for i in range(n)],
@@ -365,7 +401,7 @@ class Server:
                          max_context=self.args.max_context, **gen)
         shown = ("boxes", "views", "turns", "invalid_call") if mode == "zoom" else ("box_text", "box", "crop")
         choices = [{"index": i, "message": {"role": "assistant", "content": row["answer"]},
-                    "finish_reason": "stop" if list(row["usage"].values())[-1]["stopped"] else "length",
+                    "finish_reason": "stop" if all(u["stopped"] for u in row["usage"].values()) else "length",
                     "focus": {k: row[k] for k in shown}}
                    for i, row in enumerate(rows)]
         steps = [u for row in rows for u in row["usage"].values()]

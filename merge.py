@@ -11,8 +11,10 @@ adapter's recorded base fingerprint (adapter_base.json, written by our stages) m
 weights, and every adapter tensor must find its layer, with its shape, in --model.
 
 --out is a new or empty directory, or one that merge.py wrote (it leaves merge.json there) and --overwrite
-replaces; it never deletes files it did not write. The checkpoint is written next to --out and renamed into
-place, so a kill leaves either the old directory or the new one.
+replaces; it never deletes files it did not write. The checkpoint is written and checked next to --out, then
+renamed into place (an old --out first renamed aside, deleted last): a failed check leaves --out as it was,
+and a kill leaves the old directory or the new one at --out, or, between the two renames, both complete in
+hidden .NAME.* folders beside it.
 """
 import argparse
 import json
@@ -144,6 +146,17 @@ def checkpoint_dtype(model_dir):
     return getattr(torch, name)
 
 
+def cast_as_saved(model, dtype):
+    """The model in dtype as a reload of its checkpoint has it: parameters and saved buffers cast; buffers
+    that are not saved (RoPE's inv_freq) kept, as from_pretrained recomputes them in float32 (cast to bf16
+    they moved the logits by 3e-2 of the largest, with every weight the same)."""
+    unsaved = [(m, name, getattr(m, name)) for m in model.modules() for name in m._non_persistent_buffers_set]
+    model = model.to(dtype)
+    for module, name, buffer in unsaved:
+        setattr(module, name, buffer)
+    return model
+
+
 def relative_diff(a, b):
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-12)).item()
 
@@ -169,30 +182,36 @@ def main(argv=None):
         fail(f"merged model's logits differ from the adapter model's by {diff:.2e} > {args.tolerance:.0e}")
 
     dtype = common.resolve_dtype(args.dtype) if args.dtype != "auto" else checkpoint_dtype(args.model)
-    merged = merged.to(dtype)
+    merged = cast_as_saved(merged, dtype)
     out = os.path.abspath(args.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))  # a name no one else has
+    old = None
     try:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
         processor.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"model": args.model, "adapter": args.adapter, "dtype": str(dtype).replace("torch.", ""),
-                       "files": sorted(os.listdir(tmp))}, f, indent=1)
+            json.dump({"model": os.path.abspath(args.model), "adapter": os.path.abspath(args.adapter),
+                       "dtype": str(dtype).replace("torch.", ""), "files": sorted(os.listdir(tmp))}, f, indent=1)
+
+        reloaded = common.load_model(tmp, dtype).eval()
+        reload_diff = relative_diff(logits(merged, batch), logits(reloaded, batch))
+        del reloaded
+        print(f"merge.py: reloaded checkpoint ({str(dtype).replace('torch.', '')}) vs in-memory merged logits: "
+              f"max |diff| / max |logit| = {reload_diff:.2e}")
+        if not reload_diff <= args.tolerance:
+            fail(f"the saved checkpoint does not reproduce the merged model ({reload_diff:.2e}); --out left as it was")
+
         check_out(args)  # again: something may have appeared in --out meanwhile
-        if os.path.isdir(out):
-            shutil.rmtree(out)  # empty, or merge.py's own (check_out)
+        if os.path.isdir(out):  # empty, or merge.py's own (check_out): aside until the new one is in place
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old.", dir=os.path.dirname(out))
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-    reloaded = common.load_model(args.out, dtype).eval()
-    reload_diff = relative_diff(logits(merged, batch), logits(reloaded, batch))
-    print(f"merge.py: reloaded {args.out} ({str(dtype).replace('torch.', '')}) vs in-memory merged logits: "
-          f"max |diff| / max |logit| = {reload_diff:.2e}")
-    if not reload_diff <= args.tolerance:
-        fail(f"the saved checkpoint does not reproduce the merged model ({reload_diff:.2e})")
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     print(f"merge.py: {args.adapter} + {args.model} -> {args.out} in {time.time() - t0:.1f}s")
 
 

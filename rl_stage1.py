@@ -280,18 +280,19 @@ def preference_terms(rt, model, processor, units, ref, args, ref_model=None):
 
 
 def metric_sums(units, t):
-    """Sums per step kind, to be added over micro-batches and ranks and divided by the counts."""
+    """Sums per step kind, to be added over micro-batches and ranks and divided by the counts. Every kind's
+    keys, zeros where a micro-batch has none of it: ranks all-reduce them one by one, so they must all hold
+    the same keys (a rank without answer pairs skipping theirs hung the next collective)."""
     out = {}
     for kind in KINDS:
         sel = torch.tensor([u["kind"] == kind for u in units], device=t["losses"].device)
-        if sel.any():
-            out.update({f"{kind}/n": float(sel.sum()), f"{kind}/loss": float(t["losses"][sel].detach().sum()),
-                        f"{kind}/reward_chosen": float(t["reward_chosen"][sel].sum()),
-                        f"{kind}/reward_rejected": float(t["reward_rejected"][sel].sum()),
-                        f"{kind}/accuracy": float((t["reward_chosen"][sel] > t["reward_rejected"][sel]).sum()),
-                        f"{kind}/margin_sq": float(((t["reward_chosen"][sel] - t["reward_rejected"][sel]) ** 2).sum()),
-                        f"{kind}/logp_chosen": float(t["logp_chosen"][sel].sum()),
-                        f"{kind}/logp_rejected": float(t["logp_rejected"][sel].sum())})
+        out.update({f"{kind}/n": float(sel.sum()), f"{kind}/loss": float(t["losses"][sel].detach().sum()),
+                    f"{kind}/reward_chosen": float(t["reward_chosen"][sel].sum()),
+                    f"{kind}/reward_rejected": float(t["reward_rejected"][sel].sum()),
+                    f"{kind}/accuracy": float((t["reward_chosen"][sel] > t["reward_rejected"][sel]).sum()),
+                    f"{kind}/margin_sq": float(((t["reward_chosen"][sel] - t["reward_rejected"][sel]) ** 2).sum()),
+                    f"{kind}/logp_chosen": float(t["logp_chosen"][sel].sum()),
+                    f"{kind}/logp_rejected": float(t["logp_rejected"][sel].sum())})
     return out
 
 
@@ -344,7 +345,8 @@ def run(argv=None, stage="rl_stage1", **stage_defaults):
     pairs = group_by_pair(train_units)
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(pairs), args, rt.world, "training pairs")
 
-    ckpt = common.resolve_resume(args, stage, total_steps) if args.resume else None
+    order = rt.data_order(len(pairs), global_batch)
+    ckpt = common.resolve_resume(args, stage, total_steps, order) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)

@@ -104,7 +104,8 @@ def main():
     global_batch, steps_per_epoch, total_steps = common.step_counts(len(examples), args, rt.world, "examples")
 
     # Resume: the weights come from the checkpoint directory (a full model, or an adapter on --model).
-    ckpt = common.resolve_resume(args, "sft", total_steps) if args.resume else None
+    order = rt.data_order(len(examples), global_batch)
+    ckpt = common.resolve_resume(args, "sft", total_steps, order) if args.resume else None
     common.claim_output_dir(args)  # inputs are checked: from here on this run writes to --output_dir
     log = common.MetricsLog(os.path.join(args.output_dir, "metrics.jsonl"), rt.is_main)
     model = common.load_for_training(args, ckpt)

@@ -128,12 +128,13 @@ def file_at(path):
     return path
 
 
-def checkpoint_of(tmp, stage, finetune="full"):
-    """A checkpoint directory as another stage's run leaves one (its weights aside: the check comes first)."""
+def checkpoint_of(tmp, stage, finetune="full", order=None):
+    """A checkpoint directory as another run leaves one (its weights aside: the check comes first)."""
     ckpt = tmp / "ck" / "checkpoint-1"
     ckpt.mkdir(parents=True)
     (ckpt / "training_state.pt").write_bytes(b"")
-    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": stage, "finetune": finetune, "step": 1}))
+    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": stage, "finetune": finetune, "step": 1,
+                                                           "order": order}))
     return str(ckpt)
 
 
@@ -242,6 +243,12 @@ CASES = [
                                                                  checkpoint_of(tmp, "sft", "lora")),
                                                              r"trained with --finetune lora, this run has --finetune "
                                                              r"full")),
+    ("sft-fp16-without-deepspeed", lambda W, tmp: (sft(W, tmp / "out", None, "--dtype", "fp16"),
+                                                   r"--dtype fp16 trains only under --deepspeed")),
+    ("sft-resume-another-data-order", lambda W, tmp: (sft(W, tmp / "out", None, "--resume", checkpoint_of(
+        tmp, "sft", order={"items": 16, "global_batch": 4, "seed": 5, "data": "0123456789abcdef"})),
+        r"checkpoint-1: drawn in another data order \(global_batch 4 -> 2, seed 5 -> 42, data '0123456789abcdef' "
+        r"-> '[0-9a-f]{16}'\), so the rest of the run would skip or repeat items")),
     # --- model paths, checkpoints, adapters
     ("sft-model-missing", lambda W, tmp: (sft(W, tmp / "out", None, "--model", str(tmp / "nope")),
                                           r"--model .*nope: no such directory")),
@@ -301,7 +308,7 @@ CASES = [
                                           r"bad\.jsonl:7: duplicate id 'train-0'")),
     ("grpo-empty-prompts", lambda W, tmp: (grpo(W, tmp / "out", lines_with(tmp / "bad.jsonl", [])), r"no prompts")),
     ("grpo-temperature-0", lambda W, tmp: (grpo(W, tmp / "out", None, "--temperature", "0"),
-                                           r"argument --temperature: 0 is outside \(0, inf\)")),
+                                           r"argument --temperature: 0 is outside \[1e-05, inf\)")),
     ("grpo-one-generation", lambda W, tmp: (grpo(W, tmp / "out", None, "--num_generations", "1"),
                                             r"argument --num_generations: 1 is outside \[2, inf\)")),
     ("grpo-answer-a-number", lambda W, tmp: (grpo(W, tmp / "out", changed(W, tmp, 2, {"answer": 3})),
@@ -330,6 +337,12 @@ CASES = [
     ("gen-pairs-out-is-the-data", lambda W, tmp: (gen_pairs(W, tmp / "d.jsonl", lines_with(tmp / "d.jsonl",
                                                                                            W.records)),
                                                   r"--out .*d\.jsonl: .*d\.jsonl is also an input of this run")),
+    ("infer-serve-with-batch-flags", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--serve"),
+                                                     r"--serve answers each request by its own model name .*: "
+                                                     r"--data, --out would be ignored")),
+    ("infer-gt-box-without-data", lambda W, tmp: (("infer.py", "--model", W.model, "--image", tmp / "x.png",
+                                                   "--question", "What shape?", "--mode", "gt_box"),
+                                                  r"--mode gt_box crops each record's annotated bbox: give --data")),
     ("infer-out-is-the-data", lambda W, tmp: (infer(W, tmp / "d.jsonl", lines_with(tmp / "d.jsonl", W.records)),
                                               r"--out .*d\.jsonl: .*d\.jsonl is also an input of this run")),
     ("infer-out-is-another-file", lambda W, tmp: (infer(W, lines_with(tmp / "test.jsonl", W.records[:2])),

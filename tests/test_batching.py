@@ -1,5 +1,6 @@
 """Model loading, label masking, batch invariance, log-probs against a float64 gather and generation with
 precomputed vision features, on the tiny model of every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5)."""
+import copy
 import os
 import re
 
@@ -172,6 +173,28 @@ def test_generate_batched_equals_one_by_one(loaded, toy, family):
     batched = common.generate(model, processor, exs, max_new_tokens=8)
     single = [common.generate(model, processor, [ex], max_new_tokens=8)[0] for ex in exs]
     assert batched == single
+
+
+def test_a_checkpoints_generation_config_does_not_shape_our_sampling(loaded, toy):
+    """Released Qwen2-VL/Qwen2.5-VL checkpoints ship top_k 1, top_p 0.001 and repetition_penalty 1.05 in
+    generation_config.json: greedy decoding stays the argmax and sampling stays the policy at its temperature
+    whatever the checkpoint's generation_config says."""
+    model, processor = loaded["qwen2-vl"]
+    exs = [Example(r, str(toy / "data"), common.focus_messages(r["question"])) for r in records(toy)[:3]]
+
+    def both():
+        torch.manual_seed(0)
+        sampled = common.generate(model, processor, exs, max_new_tokens=12, do_sample=True, temperature=1.0)
+        return common.generate(model, processor, exs, max_new_tokens=12), sampled
+
+    clean = both()
+    saved = model.generation_config
+    model.generation_config = copy.deepcopy(saved)
+    model.generation_config.update(top_k=1, top_p=0.001, repetition_penalty=5.0, no_repeat_ngram_size=1)
+    try:
+        assert both() == clean
+    finally:
+        model.generation_config = saved
 
 
 @pytest.mark.parametrize("family", FAMILIES)

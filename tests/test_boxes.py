@@ -100,6 +100,18 @@ def test_crop_clamps_and_grows():
     # processor's aspect limit, around the box.
     thin = crop_box([100, 500, 8100, 502], 9000, 1000, min_size=28)
     assert thin == [100, 481, 8100, 521] and (thin[2] - thin[0]) <= common.MAX_ASPECT * (thin[3] - thin[1])
+    # Start and size rounded half to even apart once put the crop a pixel past the edge: 69.5 -> 70, 31.5 -> 32.
+    assert crop_box([69.5, 0, 101, 50], 101, 50, 28) == [69, 0, 101, 50]
+
+
+def test_crop_stays_inside_the_image_on_half_pixel_boxes():
+    rng = random.Random(0)
+    for _ in range(20000):
+        w, h = rng.randint(20, 300), rng.randint(20, 300)
+        x1, y1 = rng.randint(0, 2 * w - 2) / 2, rng.randint(0, 2 * h - 2) / 2
+        box = [x1, y1, rng.randint(int(2 * x1) + 1, 2 * w) / 2, rng.randint(int(2 * y1) + 1, 2 * h) / 2]
+        c = crop_box(box, w, h, 28)
+        assert 0 <= c[0] < c[2] <= w and 0 <= c[1] < c[3] <= h, (box, w, h, c)
 
 
 def test_iou_giou_closed_form():

@@ -72,6 +72,11 @@ def test_margin_and_its_standard_error_over_pairs():
     margins = [c - r for c, r in zip(chosen, rejected)]
     assert out["eval_box/margin"] == pytest.approx(statistics.mean(margins), abs=1e-6)
     assert out["eval_box/margin_se"] == pytest.approx(statistics.stdev(margins) / 5 ** 0.5, abs=1e-6)
+    # Every kind's keys, whatever the micro-batch holds: ranks all-reduce the sums key by one, so a rank whose
+    # pairs have no answer unit (stage 2 allows it) must not hold fewer keys than the others.
+    assert set(rl_stage1.metric_sums([{"kind": "box"}] * 3, t)) == set(rl_stage1.metric_sums(
+        [{"kind": "box"}, {"kind": "answer"}, {"kind": "box"}], t))
+    assert not any(key.startswith("answer/") for key in out)  # an absent kind is not reported as zeros
 
 
 def test_loss_is_float32_from_bf16_inputs():

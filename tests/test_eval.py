@@ -92,6 +92,24 @@ def test_viscot_det_report_join_by_question_id(tmp_path):
                  "--out", str(tmp_path / "r.json")])
 
 
+def test_viscot_det_answer_lines_are_counted_against_the_questions_by_box_and_size(tmp_path):
+    """Visual-CoT's answer files put question_id 0 on every line: lines are matched to questions by their
+    (bbox, width, height), so a complete file has nothing missing or repeated, a short one names how many are
+    missing, and a file of another benchmark's answers is refused instead of scored."""
+    qs = det_rows("gqa")
+    lines = [dict(q, question_id=0, text="[0.1, 0.1, 0.2, 0.2]") for q in qs]
+    metrics, _, _ = ev.score_viscot_det(qs, lines, args_for(tmp_path), ("q", "p"))
+    assert (metrics["total"], metrics["missing"], metrics["repeated"]) == (len(qs), 0, 0)
+    metrics, _, _ = ev.score_viscot_det(qs, lines[1:] + lines[:1] * 2, args_for(tmp_path), ("q", "p"))
+    assert (metrics["missing"], metrics["repeated"]) == (0, 1)
+    metrics, _, _ = ev.score_viscot_det(qs, lines[2:], args_for(tmp_path), ("q", "p"))
+    assert (metrics["missing"], metrics["repeated"]) == (2, 0)
+    other = [dict(q, question_id=0, text="x") for q in det_rows("docvqa")]
+    with pytest.raises(common.DataError, match=r"p: \d+ prediction lines carry a box and image size no question "
+                                               r"of q has .*predictions of another file"):
+        ev.score_viscot_det(qs, other, args_for(tmp_path), ("q", "p"))
+
+
 def test_two_datasets_give_rows_and_mean(tmp_path, capsys):
     paths = []
     for name in ("gqa", "docvqa"):
@@ -159,6 +177,11 @@ def test_http_judge_parsing_failures_and_cache(tmp_path):
         n_calls = len(calls)
         assert [v["score"] for v in ev.Judge(args).score(triples)] == [v["score"] for v in verdicts]
         assert calls[n_calls:] == ["fail", "fail"]
+
+
+def test_a_judge_score_that_ends_a_sentence_is_read():
+    assert ev.Judge.parse_score("The answer matches. Score: 0.8.") == 0.8  # published float('0.8.') raises
+    assert ev.Judge.parse_score("score: 1.2.3") is None and ev.Judge.parse_score("score: .") is None
 
 
 def test_model_judge_runs_text_only(toy, tmp_path):
@@ -276,3 +299,6 @@ def test_every_protocol_runs_a_model_first(toy, tmp_path, protocol):
     assert len(preds) == 3 and all(keys <= set(p) for p in preds)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["protocol"] == protocol and "q" in report["datasets"]
+    if protocol == "viscot-det":  # Visual-CoT's model_cot_det_loader.py asks "<expression lower-cased>. Please ..."
+        questions = common.read_jsonl(qpath)
+        assert [p["prompt"] for p in preds] == [q["expression"].lower() + "." for q in questions]

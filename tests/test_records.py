@@ -1,8 +1,10 @@
 """Records: JSONL errors name file and line, images name the record; Visual-CoT converters on the real samples."""
 import json
 import os
+import random
 import re
 import subprocess
+import sys
 
 import pytest
 from conftest import SAMPLES, run
@@ -151,6 +153,30 @@ def test_convert_benchmark_round_trips_box_text(tmp_path):
 def test_convert_benchmark_without_sizes(tmp_path):
     records = convert(tmp_path, "--format", "benchmark", "--input", os.path.join(SAMPLES, "benchmark_textvqa.json"))
     assert all("width" not in r and len(r["bbox"]) == 4 for r in records)
+
+
+def test_convert_benchmark_accepts_small_boxes_on_large_pages_as_visual_cot_writes_them():
+    """Visual-CoT's tools/convert_data_to_llava_format.py writes a benchmark item's pixel box with %d and its
+    text from the float box shifted into the padded square by an integer division, to 3 decimals of max(w, h):
+    on a 2156 px page a 30 px text line's two forms part by 2 px. Every such item converts, its box kept."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import convert_viscot
+    rng = random.Random(0)
+    for k in range(500):
+        w, h = rng.choice([(2156, 1695), (1695, 2200), (1653, 2339), (500, 374)])
+        bw, bh = rng.randint(20, 400), rng.randint(10, 40)
+        x, y = rng.randint(0, w - bw) + rng.random(), rng.randint(0, h - bh) + rng.random()
+        box = [x, y, min(x + bw, w), min(y + bh, h)]
+        side, shift = max(w, h), abs(w - h) // 2
+        square = [box[0], box[1] + shift, box[2], box[3] + shift] if w > h else \
+            [box[0] + shift, box[1], box[2] + shift, box[3]]
+        item = {"dataset": "docvqa", "split": "val", "question_id": k,
+                "image": ["cot/docvqa/a.png", "cot/docvqa/a.png###[%d, %d, %d, %d]" % tuple(box)],
+                "conversations": [{"from": "human", "value": "<image>\nq?" + convert_viscot.BOX_PROMPT},
+                                  {"from": "gpt", "value": "[%0.3f, %0.3f, %0.3f, %0.3f]" % tuple(v / side for v in square)},
+                                  {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a"}]}
+        [(_, rec)] = convert_viscot.convert_benchmark([item], {k: (w, h)}, None, "x.json")
+        assert rec["bbox"] == [int(v) for v in box]
 
 
 def test_convert_benchmark_rejects_inconsistent_box(tmp_path):

@@ -71,3 +71,55 @@ def test_resume_refuses_another_stage_another_finetune_or_a_checkpoint_past_the_
         with pytest.raises(common.DataError, match=r"trained with --finetune lora, this run has --finetune full$"):
             common.resolve_resume(argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="full"),
                                   "rl_stage1", 7)
+
+
+def test_resume_from_an_earlier_checkpoint_refuses_while_later_ones_are_there(tmp_path):
+    for step in (3, 6):
+        os.makedirs(tmp_path / f"checkpoint-{step}")
+        (tmp_path / f"checkpoint-{step}" / "training_state.pt").write_bytes(b"")
+    args = argparse.Namespace(resume=str(tmp_path / "checkpoint-3"), output_dir=str(tmp_path), finetune="lora")
+    with pytest.raises(common.DataError, match=r"checkpoint-3: --output_dir holds later checkpoints \(checkpoint-6\)"):
+        common.resolve_resume(args, "sft", 10)
+    args.resume = str(tmp_path / "checkpoint-6")
+    assert common.resolve_resume(args, "sft", 10) == args.resume
+
+
+def test_resume_refuses_a_checkpoint_drawn_in_another_data_order(tmp_path):
+    order = {"items": 40, "global_batch": 8, "seed": 0, "data": "0123456789abcdef"}
+    ckpt = tmp_path / "checkpoint-6"
+    os.makedirs(ckpt)
+    (ckpt / "training_state.pt").write_bytes(b"")
+    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": "sft", "finetune": "lora", "step": 6,
+                                                           "order": order}))
+    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path), finetune="lora")
+    assert common.resolve_resume(args, "sft", 10, dict(order)) == str(ckpt)
+    for change, shown in (({"global_batch": 4}, "global_batch 8 -> 4"), ({"seed": 7}, "seed 0 -> 7"),
+                          ({"items": 41, "data": "fedcba9876543210"},
+                           "items 40 -> 41, data '0123456789abcdef' -> 'fedcba9876543210'")):
+        with pytest.raises(common.DataError, match=rf"checkpoint-6: drawn in another data order \({shown}\), so"):
+            common.resolve_resume(args, "sft", 10, dict(order, **change))
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_a_frozen_reference_takes_the_policys_dtype_name_by_name(toy, finetune):
+    """Outside DeepSpeed setup() keeps the policy's trainable weights in float32 while the rest stays in the
+    loading dtype; under autocast embeddings, norms and LoRA run in their weight's dtype, so the reference
+    (loaded in bf16, a LoRA adapter in float32 by PEFT) must take the policy's dtype for each weight, or the
+    first step's KL is not 0. Here a plain reference against a LoRA policy and a fully fine-tuned one."""
+    path = str(toy / "qwen2-vl")
+    args = argparse.Namespace(deepspeed=None, seed=0, dtype="bf16", lr=1e-4, weight_decay=0.0, warmup_ratio=0.0,
+                              min_lr_ratio=0.0, max_grad_norm=1.0, grad_accum=1, finetune=finetune)
+    policy = common.load_model(path, torch.bfloat16)
+    if finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+        policy = get_peft_model(policy, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    else:  # the language model trained, the vision tower frozen
+        for name, p in policy.named_parameters():
+            p.requires_grad_(not common.is_vision_param(name))
+    rt = common.Runtime(args, "test")
+    rt.setup(policy, 10)
+    reference = rt.frozen(common.load_model(path, torch.bfloat16))
+    want = {common.plain_name(n): p.dtype for n, p in rt.module.named_parameters()}
+    got = {n: p.dtype for n, p in reference.named_parameters()}
+    assert set(got) <= set(want) and all(got[n] == want[n] for n in got)
+    assert {torch.float32, torch.bfloat16} == set(want.values())  # trainable and frozen weights differ

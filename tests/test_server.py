@@ -202,6 +202,16 @@ def test_null_fields_take_defaults(srv):
     assert status == 200 and len(reply["choices"]) == 1 and reply["usage"]["completion_tokens"] <= MAX_TOKENS
 
 
+def test_no_op_fields_are_accepted_a_seed_repeats_samples_and_a_tiny_temperature_is_greedy(srv):
+    neutral = dict(top_p=1, stop=[], logprobs=False, frequency_penalty=0, presence_penalty=0,
+                   response_format={"type": "text"}, user="someone")
+    sampled = [post(srv.port, chat("Hello", temperature=1.0, n=2, seed=7, **neutral)) for _ in range(2)]
+    assert all(status == 200 for status, _ in sampled)
+    assert sampled[0][1]["choices"] == sampled[1][1]["choices"]  # the same seed, the same samples
+    greedy = [post(srv.port, chat("Hello", temperature=t))[1]["choices"][0]["message"] for t in (0, 1e-45)]
+    assert greedy[0] == greedy[1]  # 1e-45 would overflow logits / T: read as greedy
+
+
 def test_client_raises_typed_errors(srv, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], n=0)
@@ -231,6 +241,10 @@ BAD_REQUESTS = [
     ("max_tokens_over_limit", lambda img: chat("Hi", max_tokens=10 ** 6), 400),
     ("temperature_out_of_range", lambda img: chat("Hi", temperature=3), 400),
     ("temperature_bool", lambda img: chat("Hi", temperature=True), 400),
+    ("seed_not_an_integer", lambda img: chat("Hi", seed="7"), 400),
+    ("stop_not_supported", lambda img: chat("Hi", stop=["5"]), 400),  # accepted, it would be silently ignored
+    ("top_p_not_supported", lambda img: chat("Hi", top_p=0.5), 400),
+    ("unrecognized_argument", lambda img: chat("Hi", best_of=3), 400),
     ("empty_content_list", lambda img: chat([]), 400),
     ("image_too_thin", lambda img: chat([image_part(png_url(2000, 8)), text_part()]), 400),  # aspect over 200
     ("vision_token_in_text", lambda img: chat("look: <|image_pad|>"), 400),
