@@ -1502,7 +1502,8 @@ def generate(model, processor, examples, max_new_tokens=32, do_sample=False, tem
 # ------------------------------------------------------------------------------------- multi-turn zoom
 # A zoom call's box is written in the run's box format relative to the image the model is looking at (its
 # view: the full image, or the crop the last call opened); the runtime maps it back to the original image by
-# the view's offset (exact: a view is an integer crop, shown unscaled), crops the original there (at least one
+# the view's offset (exact: a view is an integer crop and the box is read in the view's own frame, however the
+# processor rescales it), crops the original there (at least one
 # vision token a side), and shows that crop as a tool turn.
 
 def zoom_call_text(box, view, box_format, decimals, processor):
@@ -1561,7 +1562,8 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
     turn), text (the last turn, decoded), stopped (the last turn ended with EOS), images and features (every
     image shown, in order), boxes (each call's box in original pixels) and views (the crop it opened, at least
     one vision token a side), turns, invalid (an unparsable call or a vision token), max_turns_hit (its last
-    allowed turn was still a zoom call), context_hit (its last turn was a call that max_context refused)."""
+    allowed turn was still a zoom call), context_hit (its last turn was a call that max_context refused), and
+    answered (none of those three: its last turn is an answer, not a call)."""
     tok = processor.tokenizer
     vision_ids = set(tok.convert_tokens_to_ids(list(VISION_TOKENS)))
     convs = [{"enc": e, "images": [im], "features": [f], "boxes": [], "views": [], "turns": 0, "invalid": False,
@@ -1588,7 +1590,9 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
         for k, ids, call, view in opened:
             c = convs[k]
             key = (id(c["images"][0]), tuple(view))
-            crop = shown[key][0] if key in shown else crops.setdefault(key, c["images"][0].crop(view))
+            if key not in shown and key not in crops:
+                crops[key] = c["images"][0].crop(view)
+            crop = shown[key][0] if key in shown else crops[key]
             enc = extend_turn(processor, c["enc"], ids, crop, pixels=False)
             if max_context and len(enc["input_ids"]) + gen["max_new_tokens"] > max_context:
                 c.update(ids=ids, text=tok.decode(ids, skip_special_tokens=True), stopped=True, context_hit=True)
@@ -1605,10 +1609,22 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
             convs[k]["features"].append(shown[convs[k].pop("key")][1])
         if not going:
             break
+    for c in convs:
+        c["answered"] = not (c["invalid"] or c["max_turns_hit"] or c["context_hit"])
     return convs
 
 
 # ----------------------------------------------------------------------------------------------- runtime
+
+def check_zoom_flags(parser, args, zoom, where):
+    """--max_turns and --max_context mean something to the zoom loop only: given to a run without one they
+    would be ignored, so they are refused; --max_turns then takes its default, 3."""
+    given = [flag for flag, value in (("--max_turns", args.max_turns), ("--max_context", args.max_context))
+             if value is not None]
+    if given and not zoom:
+        parser.error(f"{' and '.join(given)} only apply to {where}")
+    args.max_turns = 3 if args.max_turns is None else args.max_turns
+
 
 def add_runtime_args(parser):
     g = parser.add_argument_group("runtime")

@@ -109,10 +109,12 @@ def parse_args(argv=None):
     m.add_argument("--batch_size", type=common.POSITIVE_INT, default=16, help="records per generate call")
     m.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=64,
                    help="tokens per step (virft: use 512+ for <think>)")
-    m.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
+    m.add_argument("--max_turns", type=common.POSITIVE_INT, default=None,
+                   help="zoom: model turns, default 3 (a conversation still calling at the last has no answer)")
     m.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
                    help="zoom: a conversation's whole length in tokens (infer.py --max_context)")
     args = parser.parse_args(argv)
+    common.check_zoom_flags(parser, args, args.protocol == "zoom", "--protocol zoom")
     allowed = PARSERS.get(args.protocol, ())
     if args.parser is not None and args.parser not in allowed:
         parser.error(f"--parser {args.parser} does not apply to --protocol {args.protocol}"
@@ -776,6 +778,10 @@ def score_zoom(records, preds, args, paths, judge):
     """chain's scores on the zoom loop's rows (box: the last call's, none when the model answered at once) and
     its turn statistics: mean turns and calls, invalid calls, conversations stopped at a call by --max_turns
     (max_turns_hit) or --max_context (context_hit), and the answer score by number of turns."""
+    # A row whose conversation never answered (an invalid call, or stopped at a call) scores as no answer,
+    # as GRPO scores it, whatever text its last turn holds (prediction files written before infer.py emptied it).
+    preds = [dict(p, answer="") if p.get("invalid_call") or p.get("max_turns_hit") or p.get("context_hit") else p
+             for p in preds]
     metrics, rows, extra = score_chain(records, preds, args, paths, judge)
     by_id = by_key(preds, record_id, paths[1])
     took = [by_id.get(record_id(r), {}) for r in records]

@@ -85,8 +85,8 @@ def parse_args(argv=None):
                    help="G: completions per prompt (at least 2: a group of one has no advantage)")
     r.add_argument("--max_new_tokens", type=common.POSITIVE_INT, default=256,
                    help="completion tokens per step (per turn for zoom)")
-    r.add_argument("--max_turns", type=common.POSITIVE_INT, default=3,
-                   help="zoom: model turns per rollout (the last must answer)")
+    r.add_argument("--max_turns", type=common.POSITIVE_INT, default=None,
+                   help="zoom: model turns per rollout, default 3 (a rollout still calling at the last scores 0)")
     r.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
                    help="zoom: a rollout's whole length in tokens (prompt, images, turns); a call that would "
                         "leave no room for a next turn of --max_new_tokens ends it (default: no limit)")
@@ -122,10 +122,14 @@ def parse_args(argv=None):
     common.add_runtime_args(parser)
     parser.set_defaults(lr=1e-6, epochs=2.0, batch_size=2, warmup_ratio=0.0)
     args = parser.parse_args(argv)
+    common.check_zoom_flags(parser, args, args.task == "zoom", "--task zoom")
     args.rewards = (args.rewards or DEFAULT_REWARDS[args.task]).split(",")
     unknown = [n for n in args.rewards if n not in REWARDS]
     if unknown:
         parser.error(f"unknown reward(s) {unknown}; choose from {sorted(REWARDS)}")
+    zoom_only = [n for n in args.rewards if n in ("zoom_used", "zoom_tool")]
+    if zoom_only and args.task != "zoom":
+        parser.error(f"reward(s) {zoom_only} count zoom calls: only --task zoom makes any (elsewhere they are 0)")
     try:
         args.reward_weights = [common.finite_number(float(w), "--reward_weights", "each weight")
                                for w in (args.reward_weights or ",".join(["1"] * len(args.rewards))).split(",")]
@@ -463,7 +467,8 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
         convs = common.zoom_conversations(module, processor, [e for e in enc for _ in range(n)],
                                           [im for im in images for _ in range(n)], [f for f in full for _ in range(n)],
                                           args.box_format, args.max_turns, args.max_context, **gen)
-        return [{"prompt": k // n, "text": c["text"], "invalid": c["invalid"], "calls": len(c["views"]),
+        return [{"prompt": k // n, "text": c["text"], "invalid": c["invalid"], "answered": c["answered"],
+                 "calls": len(c["views"]),
                  "boxes": c["boxes"], "views": c["views"], "turns": c["turns"], "max_turns_hit": c["max_turns_hit"],
                  "context_hit": c["context_hit"],
                  "seqs": [{k2: c[k2] for k2 in ("enc", "ids", "stopped", "images", "features")}]}
@@ -515,13 +520,15 @@ def rollout(module, processor, prompts, images, args, n, do_sample):
 
 def score(rollouts, prompts, args):
     """Per reward function a list over rollouts, and the weighted total. A rollout whose output could not be
-    used (a vision token in it, or for focus an unparsable box) scores 0 under every function, so that the
-    logged per-function means add up to the reward that was trained on."""
+    used (a vision token in it, for focus an unparsable box, for zoom a conversation that never answered: its
+    last turn a call) scores 0 under every function, so that the logged per-function means add up to the
+    reward that was trained on."""
     completions = [r["text"] for r in rollouts]
     fields = {k: [prompts[r["prompt"]]["rec"].get(k) for r in rollouts] for k in RECORD_FIELDS}
     fields = {k: (v if any(x is not None for x in v) else None) for k, v in fields.items()}
     fields["calls"] = [r.get("calls", 0) for r in rollouts]
-    usable = [not r["invalid"] and (args.task != "focus" or r["box"] is not None) for r in rollouts]
+    usable = [not r["invalid"] and r.get("answered", True) and (args.task != "focus" or r["box"] is not None)
+              for r in rollouts]
     per_fn = {name: [v if ok else 0.0 for v, ok in zip(REWARDS[name](completions, **fields, box_format=args.box_format,
                                                                       rule_metric=args.rule_metric), usable)]
               for name in args.rewards}
@@ -835,7 +842,8 @@ def main(argv=None):
         if args.sample_steps and (step == 0 or (step + 1) % args.sample_steps == 0):
             mb = micro[0]  # the step's first group
             samples.write({"step": step + 1, "id": mb["prompts"][0]["rec"]["id"], "prompt": mb["prompts"][0]["text"],
-                           "completions": [{"box_text": r.get("box_text"), "views": r.get("views"), "text": r["text"],
+                           "completions": [{"box_text": r.get("box_text"), "boxes": r.get("boxes"),
+                                            "views": r.get("views"), "turns": r.get("turns"), "text": r["text"],
                                             "reward": mb["reward"][k],
                                             "advantage": float(mb["adv"][k]),
                                             "rewards": {name: mb["per_fn"][name][k] for name in args.rewards}}

@@ -49,7 +49,8 @@ def parse_args(argv=None):
     g.add_argument("--question", default=None, help="the question for --image")
     g.add_argument("--mode", default="chain", choices=MODES,
                    help="chain, focus (box only), direct (no box), gt_box (annotated crop) or zoom (multi-turn)")
-    g.add_argument("--max_turns", type=common.POSITIVE_INT, default=3, help="zoom: model turns (the last answers)")
+    g.add_argument("--max_turns", type=common.POSITIVE_INT, default=None,
+                   help="zoom: model turns, default 3 (a conversation still calling at the last has no answer)")
     g.add_argument("--max_context", type=common.POSITIVE_INT, default=None,
                    help="zoom: a conversation's whole length in tokens (prompt, images, turns); a call that would "
                         "leave no room for a next turn of --max_new_tokens ends it (default: no limit)")
@@ -82,6 +83,7 @@ def parse_args(argv=None):
     s.add_argument("--read_timeout", type=common.POSITIVE, default=30.0,
                    help="seconds a client may take to send a request's headers, and its whole body")
     args = parser.parse_args(argv)
+    common.check_zoom_flags(parser, args, args.mode == "zoom" or args.serve, "--mode zoom and --serve")
     if not args.serve and not args.data and not args.image:
         parser.error("give --data (with --out), --image with --question, or --serve")
     if args.serve and (given := [flag for flag, on in (("--data", args.data), ("--out", args.out), ("--image",
@@ -125,9 +127,10 @@ def run_batch(model, processor, records, images, mode="chain", box_format="visco
                                           **gen)
         for row, c, e in zip(rows, convs, first):
             last = (c["boxes"][-1], c["views"][-1]) if c["views"] else (None, None)
-            row.update(answer=c["text"], box=last[0], crop=last[1], boxes=c["boxes"], views=c["views"],
-                       turns=c["turns"], invalid_call=c["invalid"], max_turns_hit=c["max_turns_hit"],
-                       context_hit=c["context_hit"], focus_s=0.0,
+            # a conversation stopped at a call never answered: its answer is empty, its last turn kept apart
+            row.update(answer=c["text"] if c["answered"] else "", last_turn=c["text"], box=last[0], crop=last[1],
+                       boxes=c["boxes"], views=c["views"], turns=c["turns"], invalid_call=c["invalid"],
+                       max_turns_hit=c["max_turns_hit"], context_hit=c["context_hit"], focus_s=0.0,
                        answer_s=(time.time() - t) / n, usage={"zoom": {
                            "prompt_tokens": len(e["input_ids"]), "completion_tokens": common.model_tokens(c), "stopped": c["stopped"]}})
         return rows
@@ -399,9 +402,11 @@ class Server:
         rows = run_batch(self.model, self.processor, [{"id": str(i), "question": question} for i in range(n)],
                          images * n, mode, self.args.box_format, self.args.prompt_set, max_turns=self.args.max_turns,
                          max_context=self.args.max_context, **gen)
-        shown = ("boxes", "views", "turns", "invalid_call") if mode == "zoom" else ("box_text", "box", "crop")
+        shown = ("boxes", "views", "turns", "invalid_call", "max_turns_hit", "context_hit", "last_turn") \
+            if mode == "zoom" else ("box_text", "box", "crop")
         choices = [{"index": i, "message": {"role": "assistant", "content": row["answer"]},
-                    "finish_reason": "stop" if all(u["stopped"] for u in row["usage"].values()) else "length",
+                    "finish_reason": "stop" if all(u["stopped"] for u in row["usage"].values())
+                    and not (row.get("max_turns_hit") or row.get("context_hit")) else "length",
                     "focus": {k: row[k] for k in shown}}
                    for i, row in enumerate(rows)]
         steps = [u for row in rows for u in row["usage"].values()]

@@ -82,11 +82,17 @@ def build_examples(records, processor, show_progress):
 
 def zoom_example(rec, processor, w, h, min_crop):
     """A zoom trace as one conversation: each call written relative to the view before it (the full image,
-    then the crop the last call opened), each view the crop the runtime would open, then the answer."""
+    then the crop the last call opened), each view the crop the runtime opens for that call's text (the box
+    read back after the text's rounding, as zoom_conversations reads it), then the answer."""
     calls, views, view = [], [], [0, 0, w, h]
-    for box in rec["zooms"]:
-        calls.append(common.zoom_call_text(box, view, args.box_format, args.box_decimals, processor))
-        view = crop_box(box, w, h, min_crop)
+    for n, box in enumerate(rec["zooms"], 1):
+        call = common.zoom_call_text(box, view, args.box_format, args.box_decimals, processor)
+        opened = common.zoom_box(call, view, args.box_format, processor)
+        if opened in (None, "invalid"):
+            raise common.DataError(f"record {rec['id']!r}: zoom {n} {box} is written {call!r} in --box_format "
+                                   f"{args.box_format}, which reads back as no box (too thin for its decimals)")
+        calls.append(call)
+        view = crop_box(opened, w, h, min_crop)
         views.append(view)
     return Example(rec, args.image_root, common.zoom_messages(rec["question"]), rec["answer"], calls=calls,
                    views=views)

@@ -172,8 +172,8 @@ def test_zoom_returns_answer_views_and_turns(srv, client):
     focus = choice.model_extra["focus"]
     row = infer.run_batch(srv.model, srv.processor, [{"id": "0", "question": QUESTION}], [srv.image], mode="zoom",
                           max_new_tokens=MAX_TOKENS)[0]
-    assert (choice.message.content, focus) == (row["answer"], {k: row[k] for k in ("boxes", "views", "turns",
-                                                                                   "invalid_call")})
+    assert (choice.message.content, focus) == (row["answer"], {k: row[k] for k in (
+        "boxes", "views", "turns", "invalid_call", "max_turns_hit", "context_hit", "last_turn")})
     assert 1 <= focus["turns"] <= srv.args.max_turns
     assert r.usage.completion_tokens == row["usage"]["zoom"]["completion_tokens"] > 0
 

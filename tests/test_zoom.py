@@ -4,6 +4,8 @@ GRPO's zoom rollouts (B prompts x G samples with different numbers of turns keep
 log-probs and rewards; the script, killed mid-run, resumes exactly)."""
 import json
 import math
+import random
+import sys
 
 import pytest
 import torch
@@ -81,6 +83,33 @@ def test_zoom_traces_are_checked():
                         ([[10, 10, 300, 100]], "zooms[0]")]:
         with pytest.raises(common.DataError, match=r"f:1: record 'a'.*" + says.replace("[", r"\[")):
             common.validate_record(dict(rec, zooms=zooms), "f:1")
+
+
+@pytest.mark.parametrize("box_format", ["viscot", "qwen2", "qwen25", "qwen3"])
+def test_sft_trace_views_are_the_views_the_runtime_opens_for_their_calls(toy, monkeypatch, box_format):
+    """Each view of an SFT zoom trace is the crop zoom_conversations opens when the model writes that call:
+    crop_box of the box read back from the call's text (rounded), in the view before it, not of the trace's
+    unrounded box (2000 random two-call traces differed by up to 2 px that way, and a second call written in
+    the wrong view's frame read back invalid)."""
+    import importlib
+    monkeypatch.setattr(sys, "argv", ["sft.py", "--model", "m", "--data", "d", "--output_dir", "o"])
+    sft = importlib.import_module("sft")
+    monkeypatch.setattr(sft.args, "box_format", box_format)
+    monkeypatch.setattr(sft.args, "box_decimals", 3)
+    processor = common.load_processor(str(toy / "qwen2.5-vl"))
+    min_crop, rng = common.token_pixels(processor), random.Random(0)
+    for k in range(200):
+        w, h = rng.randint(120, 600), rng.randint(120, 600)
+        x1, y1 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
+        outer = [x1, y1, rng.uniform(x1 + w / 4, w), rng.uniform(y1 + h / 4, h)]
+        inner = [outer[0] + 3, outer[1] + 3, outer[0] + (outer[2] - outer[0]) / 2, outer[1] + (outer[3] - outer[1]) / 2]
+        rec = {"id": str(k), "image": "x.png", "question": "q", "answer": "a", "zooms": [outer, inner]}
+        ex = sft.zoom_example(rec, processor, w, h, min_crop)
+        view = [0, 0, w, h]
+        for call, shown in zip(ex.calls, ex.views):
+            opened = common.zoom_box(call, view, box_format, processor)
+            assert shown == common.crop_box(opened, w, h, min_crop)
+            view = shown
 
 
 # ------------------------------------------------------------------ a policy that zooms: SFT on traces
@@ -172,17 +201,21 @@ def test_zoom_rollouts_keep_their_own_turns_images_and_rewards(toy, zoom_sft):
             alone, m1 = common.token_logprobs(model, batch)
         assert int(m1.sum()) == int(mask[k].sum()) == common.model_tokens(s)
         torch.testing.assert_close(together[k][mask[k]], alone[0][m1[0]], rtol=1e-4, atol=1e-4)
-    # One crop, encoded once, per distinct view of a prompt's image, however many samples open it.
-    crops = {}
-    for r in rollouts:
-        for view, crop, f in zip(r["views"], r["seqs"][0]["images"][1:], r["seqs"][0]["features"][1:]):
-            first = crops.setdefault((r["prompt"], tuple(view)), (crop, f))
-            assert first[0] is crop and first[1] is f
-    assert len(crops) < sum(r["calls"] for r in rollouts)  # some samples opened the same view
+    # One crop, encoded once, per distinct view of a prompt's image, however many samples open it (greedy
+    # samples of a prompt open the same views, so sharing is certain there).
+    greedy = grpo.rollout(model, processor, prompts, images, args, 2, False)
+    for batch in (rollouts, greedy):
+        crops = {}
+        for r in batch:
+            for view, crop, f in zip(r["views"], r["seqs"][0]["images"][1:], r["seqs"][0]["features"][1:]):
+                first = crops.setdefault((r["prompt"], tuple(view)), (crop, f))
+                assert first[0] is crop and first[1] is f
+    assert 0 < len(crops) < sum(r["calls"] for r in greedy)
     per_fn, total = grpo.score(rollouts, prompts, args)
     for k, r in enumerate(rollouts):
-        right = 0.0 if r["invalid"] else float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"]))
-        assert per_fn["answer"][k] == right  # an invalid rollout scores 0 under every function, as in its total
+        right = float(common.exact_match(r["text"], prompts[r["prompt"]]["rec"]["answer"])) if r["answered"] else 0.0
+        assert r["answered"] == (not r["invalid"] and not r["max_turns_hit"] and not r["context_hit"])
+        assert per_fn["answer"][k] == right  # one that never answered scores 0 under every function, as in its total
         assert per_fn["zoom_tool"][k] == float(right == 1.0 and r["calls"] > 0)
         assert total[k] == right + per_fn["zoom_tool"][k]
 
@@ -222,6 +255,20 @@ def test_max_context_ends_a_conversation_at_the_call_that_would_outgrow_it(toy, 
         assert any(r["calls"] for r in cut) == (max_context == budget)
     metrics = grpo.zoom_metrics(dict(grpo.zoom_sums(cut, [0.0] * len(cut), None, 3), rollouts=len(cut)), 3)
     assert metrics["context_hit"] == sum(r["context_hit"] for r in cut) / len(cut) > 0
+
+
+def test_a_conversation_that_never_answered_earns_nothing():
+    """Stopped at a call (--max_turns, --max_context) or at an invalid one, a conversation's last turn is a
+    call, not an answer: token F1 would credit a call whose box holds the answer's number (a qwen3 call with
+    12 in it against '12' scores 0.33), so every reward function gives it 0, the tool bonus too."""
+    prompts = [{"rec": {"id": "a", "answer": "12", "question": "q"}}]
+    args = zoom_args(extra=["--rule_metric", "f1"])
+    call = '<zoom>{"bbox_2d": [12, 34, 56, 78]}</zoom>'
+    rollouts = [{"prompt": 0, "text": call, "calls": 2, "invalid": False, "answered": False},
+                {"prompt": 0, "text": "12", "calls": 1, "invalid": False, "answered": True}]
+    assert common.token_f1(call, "12") > 0
+    per_fn, total = grpo.score(rollouts, prompts, args)
+    assert per_fn == {"answer": [0.0, 1.0], "zoom_tool": [0.0, 1.0]} and total == [0.0, 2.0]
 
 
 def test_zoom_metrics_split_rewards_by_turns_taken():
