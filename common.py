@@ -1614,8 +1614,6 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
     return convs
 
 
-# ----------------------------------------------------------------------------------------------- runtime
-
 def check_zoom_flags(parser, args, zoom, where):
     """--max_turns and --max_context mean something to the zoom loop only: given to a run without one they
     would be ignored, so they are refused; --max_turns then takes its default, 3."""
@@ -1625,6 +1623,8 @@ def check_zoom_flags(parser, args, zoom, where):
         parser.error(f"{' and '.join(given)} only apply to {where}")
     args.max_turns = 3 if args.max_turns is None else args.max_turns
 
+
+# ----------------------------------------------------------------------------------------------- runtime
 
 def add_runtime_args(parser):
     g = parser.add_argument_group("runtime")

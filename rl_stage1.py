@@ -204,7 +204,7 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     Each rank computes its share; ranks run the same number of forwards (ZeRO-3 needs them in step)."""
     path = os.path.join(args.output_dir, "reference_logps.jsonl")
     common.check_made_by(path[:-len(".jsonl")] + ".made_by.json", {
-        **common.model_stamp(args), "data": common.file_fingerprint(args.data),
+        **common.model_stamp(args), "data": rt.order["data"],  # the hash data_order took of --data
         "eval_data": common.file_fingerprint(args.eval_data) if args.eval_data else None,
         "prompt_set": args.prompt_set, "preference_eos": args.preference_eos})
     rt.barrier()
