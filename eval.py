@@ -901,16 +901,21 @@ def fmt(v):
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def items_path(report_path):
+    """Where a report's per-item rows go (tools/compare.py pairs reports by them): r.json -> r.items.jsonl."""
+    return os.path.splitext(report_path)[0] + ".items.jsonl"
+
+
 def is_report(obj):
     """A JSON object this script wrote as a report (tools/compare.py reads them too)."""
     return isinstance(obj, dict) and {"protocol", "label"} <= obj.keys()
 
 
-def check_outputs(args, items_path, pred_dir):
+def check_outputs(args, items_file, pred_dir):
     """The report may replace only an earlier report (a re-score), never an input or another file; the
     datasets, named by their files, are distinct (one would overwrite the other's scores and predictions)."""
     common.claim_output_file(args.out, "--out", [*args.questions, *(args.predictions or [])], overwrite=True,
-                             companions=[items_path])
+                             companions=[items_file])
     if os.path.exists(args.out):
         try:
             with open(args.out, encoding="utf-8") as f:
@@ -931,9 +936,9 @@ def check_outputs(args, items_path, pred_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    items_path = os.path.splitext(args.out)[0] + ".items.jsonl"
+    items_file = items_path(args.out)
     pred_dir = args.predictions_dir or os.path.splitext(args.out)[0] + ".predictions"
-    check_outputs(args, items_path, pred_dir)
+    check_outputs(args, items_file, pred_dir)
     judge = Judge(args) if args.protocol in ("viscot-answer", "chain", "zoom") else None
     per_dataset, settings, items = {}, {}, []
     if args.model:
@@ -969,11 +974,12 @@ def main(argv=None):
     if args.parser:
         settings["parser"] = RULE_NAMES[args.parser]
     report = {"protocol": args.protocol, "label": label, **mean, "datasets": per_dataset, "mean": mean,
-              "settings": settings}
+              "settings": settings,  # each questions file's hash: compare.py pairs reports of the same questions only
+              "questions": {dataset_name(q): common.file_fingerprint(q) for q in args.questions}}
     with open(args.out + ".tmp", "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)  # NaN is not JSON: a NaN here is a bug, not a score
     os.replace(args.out + ".tmp", args.out)
-    common.write_jsonl(items_path, items)
+    common.write_jsonl(items_file, items)
 
     cols = COLUMNS[args.protocol]
     print(f"\n{args.protocol}: {label}" + "".join(f"; {k}: {v}" for k, v in report["settings"].items()))

@@ -5,8 +5,11 @@
 # (the RL stages see 2000 others, never a box), and every stage is scored on 2000 held-out questions, next to
 # two controls that continue SFT for as many steps as the RL stages take (at their rate, and at half of it).
 #   bash pipeline.sh            # seed 0; SEED=1 bash pipeline.sh for another world and other training seeds
-# Each stage reads the previous stage's files; OUT puts the run elsewhere (default runs/toy, replaced).
+# Each stage reads the previous stage's files; OUT puts the run elsewhere (default runs/toy, replaced when an
+# earlier run made it: tools/fresh_out.sh). PYTHON names the interpreter (default python).
 set -euo pipefail
+source "$(dirname "$0")/tools/fresh_out.sh"
+OUT=$(absolute_out "${OUT:-}")
 cd "$(dirname "$0")"
 OUT=${OUT:-runs/toy}
 SEED=${SEED:-0}
@@ -14,7 +17,7 @@ PY=${PYTHON:-python}
 WORLD=$OUT/world
 DATA=$WORLD/data
 RL_STEPS=${RL_STEPS:-300}  # optimizer steps of GRPO (two per batch of rollouts), of DPO stages 1 + 2 together, and of each control
-rm -rf "$OUT"  # the run owns OUT: start clean, never resume a previous run's outputs
+fresh_out "$OUT"  # the run owns OUT: start clean, never resume a previous run's outputs
 T0=$SECONDS
 
 stage() {  # stage NAME COMMAND...: a banner, the command, its time. In a lane (LOG set) the command's output

@@ -55,6 +55,23 @@ ARCHS = {
 }
 
 
+def fresh_work(parser, work):
+    """Empty `work` for a run: replaced only when missing, empty or made by an earlier bench run (its marker),
+    never a folder holding other files (--work runs, --work ~)."""
+    marker = os.path.join(work, ".bench_work")
+    if os.path.isfile(work) or (os.path.isdir(work) and os.listdir(work) and not os.path.exists(marker)):
+        parser.error(f"--work {work}: holds files no bench run wrote (no {marker}); choose another --work, or "
+                     "remove it yourself")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    open(marker, "w").close()
+
+
+def check_steps(parser, steps):
+    if steps < 3:
+        parser.error(f"--steps {steps}: at least 3 (the first two steps are warm-up and not timed)")
+
+
 def released_config(toy, arch):
     """A released model's config (ARCHS[arch]) built on its family's toy model in the world `toy`: the toy's
     token ids and processor, the real shapes."""
@@ -141,7 +158,8 @@ def run_ours(args, work, model_dir):
         raise SystemExit(f"rl_stage1.py failed:\n{p.stderr[-4000:]}")
     wall = time.time() - t
     rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
-    steady = sum(r["pairs_per_s"] for r in rows[2:]) / max(1, len(rows[2:]))
+    step_s = [args.batch_size / r["pairs_per_s"] for r in rows[2:]]  # as TRL's side: pairs over the steps' time
+    steady = args.batch_size * len(step_s) / sum(step_s)
     peak = int(p.stdout.strip().splitlines()[-1].split()[1])
     return {"first_loss": rows[0]["loss"], "pairs_per_s": steady, "wall_s": wall, "peak_rss_gb": peak / 2 ** 20}
 
@@ -177,7 +195,7 @@ config = DPOConfig(output_dir=work + "/trl", per_device_train_batch_size=batch_s
                    gradient_checkpointing=False, bf16=False, dataloader_num_workers=0, seed=42)
 trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=processor, callbacks=[Clock()])
 trainer.train()
-steady = times[2:] or times
+steady = times[2:]
 import resource
 print(json.dumps({"first_loss": losses[0], "pairs_per_s": batch_size / (sum(steady) / len(steady)),
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
@@ -213,11 +231,11 @@ def main():
     parser.add_argument("--lm_width", type=int, default=256)
     parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    check_steps(parser, args.steps)
     if args.build_only:
         build(args, args.work)
         return
-    shutil.rmtree(args.work, ignore_errors=True)
-    os.makedirs(args.work)
+    fresh_work(parser, args.work)
     # Built in a child: this process stays free of torch, whose idle OpenMP threads would compete with the
     # measured runs.
     subprocess.run([sys.executable, *sys.argv, "--build_only"], check=True)

@@ -9,7 +9,8 @@
 #   ARCHS=qwen3.5-9b ONLY=ours STEPS=6 bash bench/gpu_families.sh
 # The device image's packages are not this project's pins (transformers 5.17 there, 5.23 here; no TRL): put
 # wheels in wheels/ (pip download --no-deps -d wheels transformers==5.23.0 trl==1.16.0) and they are
-# installed into a folder on PYTHONPATH first. Results: $OUT (or runs/gpu)/<arch>.txt.
+# installed into a folder on PYTHONPATH first. Results: $OUT (or runs/gpu)/<arch>.txt; WORK (default
+# /tmp/gpu_families) holds the built models and the wheels' folder; PYTHON names the interpreter (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -26,6 +27,9 @@ ONLY=${ONLY:-$($PY -c "import trl" 2> /dev/null && echo "" || echo ours)}
 $PY tools/make_toy.py --out "$WORK/world" --families qwen2-vl,qwen3-vl,qwen3.5 --n_train 64 --n_questions 16 \
     --n_test 16 > /dev/null
 for arch in ${ARCHS:-qwen3-vl-8b qwen3.5-9b}; do
+    case $arch in  # a name of dpo_vs_trl.ARCHS, never a path: its folder under $WORK is removed after each run
+        "" | .* | *[!a-z0-9.-]*) echo "error: ARCHS: '$arch' is not an architecture name" >&2; exit 1 ;;
+    esac
     echo "=== $arch (at ${SECONDS} s)" | tee "$RESULTS/$arch.txt"
     $PY bench/grpo_vs_trl.py --toy "$WORK/world" --work "$WORK/$arch" --arch "$arch" --dtype bf16 --attn sdpa \
         --prompts 4 --G 8 --max_new_tokens 64 --steps "${STEPS:-8}" ${ONLY:+--only $ONLY} 2>&1 \

@@ -14,7 +14,6 @@ max allocated; CPU: RSS), wall time.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -112,7 +111,7 @@ def timed(*a, **kw):
     return out
 trainer._generate_and_score_completions = timed
 trainer.train()
-steady, g = times[2:] or times, gen[2:len(times)] or gen
+steady, g = times[2:], gen[2:len(times)]
 ''' + PEAK + r'''
 print(json.dumps({"steps_per_s": len(steady) / sum(steady), "generation_share": sum(g) / sum(steady),
                   "peak_gb": peak}))
@@ -146,11 +145,11 @@ def main():
     parser.add_argument("--ours_extra", default="", help="more grpo.py flags, e.g. --no-merge_for_generation")
     parser.add_argument("--build_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dpo_vs_trl.check_steps(parser, args.steps)
     if args.build_only:
         build(args)
         return
-    shutil.rmtree(args.work, ignore_errors=True)
-    os.makedirs(args.work)
+    dpo_vs_trl.fresh_work(parser, args.work)
     subprocess.run([sys.executable, *sys.argv, "--build_only"], check=True)  # torch-free parent (dpo_vs_trl.py)
     model_dir = os.path.join(args.work, "model")
     results = {}

@@ -1,5 +1,6 @@
 """bench/dpo_vs_trl.py ARCHS: each released model's shapes, built on its family's toy model, make a model of the
 released size (on the meta device: no weights are drawn), with the family's structure kept."""
+import argparse
 import os
 import sys
 
@@ -42,3 +43,23 @@ def test_benches_run(run, toy, bench, args):
     args = [str(toy / "data" / a) if a.endswith(".jsonl") else a for a in args]
     p = run(os.path.join("bench", bench), "--model", str(toy / "qwen2-vl"), *args)
     assert p.rc == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+def test_a_bench_replaces_only_a_work_folder_a_bench_made(tmp_path):
+    """--work is emptied for a run only when missing, empty or marked by an earlier bench run: a folder holding
+    other files is refused and kept; --steps below 3 (nothing left to time after the warm-up) is refused."""
+    parser = argparse.ArgumentParser()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit):
+        dpo_vs_trl.fresh_work(parser, str(mine))
+    assert (mine / "notes.txt").read_text() == "keep"
+    work = tmp_path / "work"
+    dpo_vs_trl.fresh_work(parser, str(work))
+    (work / "model").mkdir()
+    dpo_vs_trl.fresh_work(parser, str(work))
+    assert os.listdir(work) == [".bench_work"]
+    with pytest.raises(SystemExit):
+        dpo_vs_trl.check_steps(parser, 2)
+    dpo_vs_trl.check_steps(parser, 3)

@@ -87,3 +87,34 @@ def test_chain_and_zoom_reports_compare_and_other_protocols_do_not(tmp_path, cap
     write_report(tmp_path / "cls.json", "cls", [{"dataset": "toy", "id": "0", "answer_score": 1.0}], "virft-cls")
     with pytest.raises(SystemExit, match="same protocol"):
         compare.main([str(tmp_path / "chain.json"), str(tmp_path / "cls.json")])
+
+
+def test_a_pairing_that_cannot_hold_is_refused_and_a_partial_one_is_named(tmp_path, capsys):
+    """A repeated id, an id that is no string or integer, reports of different questions files under one dataset
+    name, fewer than two shared questions, a protocol without per-question scores: each a one-line refusal. A
+    pairing that leaves out some questions of either report says so; equal differences have no spread."""
+    toy = [{"dataset": "toy", "id": str(i), "answer_score": float(i % 2)} for i in range(4)]
+    write_report(tmp_path / "dup.json", "dup", toy + [toy[0]])
+    with pytest.raises(common.DataError, match=r"dup\.items\.jsonl:5: id '0' of dataset 'toy' again"):
+        compare.read_report(str(tmp_path / "dup.json"))
+    write_report(tmp_path / "listed.json", "listed", [{"dataset": "toy", "id": ["0"], "answer_score": 1.0}])
+    with pytest.raises(common.DataError, match=r"listed\.items\.jsonl:1: a per-item row needs 'id' \(a string"):
+        compare.read_report(str(tmp_path / "listed.json"))
+    write_report(tmp_path / "a.json", "a", toy)
+    write_report(tmp_path / "b.json", "b", [dict(t, answer_score=t["answer_score"] + 0.1) for t in toy[:3]])
+    compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--diff", "b", "a"])
+    out, err = capsys.readouterr()
+    assert "| b − a | 3 | +0.100 ± 0.000 |" in out  # 0.1 is not exact in binary: no spread all the same
+    assert "b − a pairs 3 questions of 3 and 4" in err
+    write_report(tmp_path / "c.json", "c", [dict(t, dataset="other") for t in toy])
+    with pytest.raises(SystemExit, match="'c' and 'a' share 0 scored question"):
+        compare.main([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--diff", "c", "a"])
+    for name, digest in (("a", "1111"), ("b", "2222")):  # as eval.py records each questions file's hash
+        report = json.loads((tmp_path / f"{name}.json").read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(report, questions={"toy": digest})))
+    with pytest.raises(SystemExit, match="'b' and 'a' scored different questions files as dataset 'toy'"):
+        compare.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--diff", "b", "a"])
+    for name in ("x", "y"):
+        write_report(tmp_path / f"{name}.json", name, [{"dataset": "toy", "id": "0", "correct": True}], "virft-cls")
+    with pytest.raises(SystemExit, match="the virft-cls protocol has no per-question score to pair"):
+        compare.main([str(tmp_path / "x.json"), str(tmp_path / "y.json"), "--diff", "x", "y"])

@@ -231,6 +231,12 @@ def test_convert_answers_bad_input_with_one_line_and_writes_nothing(tmp_path):
          ["--sizes", sizes], r".*in\.json\[0\]: bbox \[0, 0, 100000, 10\] lies outside the \d+x\d+ image"),
         ("benchmark", json.dumps(items), ["--sizes", str(tmp_path / "no_sizes.jsonl")],
          r".*no_sizes\.jsonl: no such file"),
+        ("benchmark", bench_with(set_([0, "question_id"], [1])), [],
+         r".*in\.json\[0\]: not a Visual-CoT benchmark item .*TypeError: question_id \[1\] is not a string or integer"),
+        ("benchmark", json.dumps(items), ["--sizes", str(tmp_path / "listed.jsonl")],
+         r".*listed\.jsonl:1: not a Visual-CoT benchmark_det row .*TypeError: question_id \[1\]"),
+        ("det", json.dumps(dict(det_row, question_id=[1])) + "\n", [],
+         r".*in\.json:1: not a Visual-CoT benchmark_det row .*TypeError: question_id \[1\]"),
         ("det", json.dumps({k: v for k, v in det_row.items() if k != "img_path"}) + "\n", [],
          r".*in\.json:1: not a Visual-CoT benchmark_det row .*KeyError: 'img_path'"),
         ("det", json.dumps(det_row) + "\n" + json.dumps(dict(det_row, bbox=[5, 5, 1, 1])) + "\n", [],
@@ -240,6 +246,7 @@ def test_convert_answers_bad_input_with_one_line_and_writes_nothing(tmp_path):
         ("train", "\n" + json.dumps(train_row)[:-1] + "\n", [], r".*in\.json:2: not valid JSON"),
         ("train", "", [], r".*in\.json: no records \(the file is empty\)"),
     ]
+    (tmp_path / "listed.jsonl").write_text(json.dumps(dict(det_row, question_id=[1])) + "\n")
     for fmt, text, flags, message in cases:
         source = tmp_path / ("absent.json" if text is None else "in.json")
         if text is not None:

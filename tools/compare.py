@@ -8,7 +8,10 @@ paired differences between reports on the same questions, each with its standard
 A paired difference is the mean over the questions both reports scored of (row - baseline), per question
 from each report's per-item file (OUT.items.jsonl, next to the report); its standard error is the sample
 standard deviation of those per-question differences over sqrt(n). Metrics: answer_score (the judge's
-score), box_acc (IoU > 0.5 with the annotated box) and miou (the IoU itself), where the protocol has them.
+score), box_acc (IoU > 0.5 with the annotated box) and miou (the IoU itself), where the protocol has them
+(the virft and viscot-det protocols score the whole set, not questions: nothing to pair). Questions are paired
+by dataset and id; reports of different questions files under one dataset name are refused (eval.py records each
+file's hash), and a pairing that leaves out questions of either report says how many.
 """
 import json
 import math
@@ -17,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
-from eval import COLUMNS, fmt, is_report  # noqa: E402
+from eval import COLUMNS, fmt, is_report, items_path  # noqa: E402
 
 ITEM_METRICS = {"answer_score": lambda item: item.get("answer_score"),
                 "box_acc": lambda item: None if item.get("iou") is None else float(item["iou"] > 0.5),
@@ -38,17 +41,30 @@ def read_report(path):
     if report["protocol"] not in COLUMNS or not isinstance(report["label"], str):
         raise common.DataError(f"{path}: protocol {report['protocol']!r} is none of eval.py's, or its label "
                                f"{report['label']!r} is not a string")
-    items_path = os.path.splitext(path)[0] + ".items.jsonl"
+    items_file = items_path(path)
     items = {}
-    if os.path.exists(items_path):
-        for lineno, item in common.iter_jsonl(items_path):
-            if "id" not in item:
-                raise common.DataError(f"{items_path}:{lineno}: a per-item row needs 'id'")
+    if os.path.exists(items_file):
+        for lineno, item in common.iter_jsonl(items_file):
+            if not isinstance(item.get("id"), (str, int)) or isinstance(item["id"], bool):
+                raise common.DataError(f"{items_file}:{lineno}: a per-item row needs 'id' (a string or integer)")
             for key in ("answer_score", "iou"):
                 if item.get(key) is not None:
-                    common.finite_number(item[key], f"{items_path}:{lineno}", key)
-            items[(item.get("dataset"), item["id"])] = item
+                    common.finite_number(item[key], f"{items_file}:{lineno}", key)
+            key = (item.get("dataset"), item["id"])
+            if key in items:
+                raise common.DataError(f"{items_file}:{lineno}: id {item['id']!r} of dataset {key[0]!r} again: one row "
+                                       "per question")
+            items[key] = item
     return report, items
+
+
+def check_same_questions(row, base, reports):
+    """Two reports paired on a dataset name must have scored the same questions file (when both say which)."""
+    ours, theirs = reports[row].get("questions") or {}, reports[base].get("questions") or {}
+    for name in ours.keys() & theirs.keys():
+        if ours[name] != theirs[name]:
+            raise SystemExit(f"compare.py: {row!r} and {base!r} scored different questions files as dataset "
+                             f"{name!r}: their questions cannot be paired")
 
 
 def paired_difference(items, base_items, metric):
@@ -61,6 +77,8 @@ def paired_difference(items, base_items, metric):
         return None
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    if sd <= 1e-12 * max(1.0, abs(mean)):  # equal differences, but for float rounding: no spread
+        sd = 0.0
     return mean, sd / math.sqrt(n), n
 
 
@@ -95,20 +113,30 @@ def main(argv=None):
     if not args.diff:
         return
     by_label = {r["label"]: items for r, items in loaded}
+    report_of = {r["label"]: r for r in reports}
     for row, base in args.diff:
         for label in (row, base):
             if label not in by_label:
                 raise SystemExit(f"compare.py: --diff names {label!r}; the reports' labels are {sorted(by_label)}")
             if not by_label[label]:
                 raise SystemExit(f"compare.py: no per-item file next to the report labelled {label!r}")
+        check_same_questions(row, base, report_of)
     first_row = by_label[args.diff[0][0]].values()
     metrics = [m for m in ITEM_METRICS if any(ITEM_METRICS[m](i) is not None for i in first_row)]
+    if not metrics:
+        raise SystemExit(f"compare.py: --diff: the {reports[0]['protocol']} protocol has no per-question score to "
+                         "pair (answer_score, iou)")
     print()
     print("| paired difference | n | " + " | ".join(f"Δ {m} ± SE" for m in metrics) + " |")
     print("|---|---|" + "---|" * len(metrics))
     for row, base in args.diff:
         results = [paired_difference(by_label[row], by_label[base], m) for m in metrics]
         n = next((r[2] for r in results if r), 0)
+        if n < 2:
+            raise SystemExit(f"compare.py: {row!r} and {base!r} share {n} scored question(s): nothing to pair")
+        if n < max(len(by_label[row]), len(by_label[base])):
+            print(f"compare.py: {row} − {base} pairs {n} questions of {len(by_label[row])} and "
+                  f"{len(by_label[base])}", file=sys.stderr)
         print(f"| {row} − {base} | {n} | " + " | ".join(fmt_difference(r) for r in results) + " |")
 
 

@@ -37,6 +37,14 @@ def fields(where, shape, get):
         raise common.DataError(f"{where}: not a Visual-CoT {shape} ({type(e).__name__}: {e})") from None
 
 
+def read_question_id(row):
+    """A row's question_id: a string or an integer (the records' id is built from it)."""
+    qid = row["question_id"]
+    if isinstance(qid, bool) or not isinstance(qid, (str, int)):
+        raise TypeError(f"question_id {qid!r} is not a string or integer")
+    return qid
+
+
 def read_benchmark(path):
     """A benchmark file: one JSON list (not JSONL)."""
     try:
@@ -61,7 +69,7 @@ def convert_benchmark(items, sizes, image_root, path):
         where, shape = f"{path}[{i}]", BENCHMARK_ITEM
         image, tagged, conv, dataset, question_id = fields(where, shape, lambda: (
             item["image"][0], item["image"][1], [turn["value"] for turn in item["conversations"][:4]],
-            item["dataset"], item["question_id"]))
+            item["dataset"], read_question_id(item)))
         m = re.search(r"###\s*(\[.*\])\s*$", str(tagged))
         if m is None:
             raise common.DataError(f"{where}: image[1] has no '###[x1, y1, x2, y2]' box: {tagged!r}")
@@ -93,14 +101,14 @@ def convert_benchmark(items, sizes, image_root, path):
 def read_sizes(path):
     """{question_id: (width, height)} from a benchmark_det file."""
     shape = "benchmark_det row (question_id, width, height)"
-    return dict(fields(f"{path}:{lineno}", shape, lambda: (row["question_id"], (row["width"], row["height"])))
+    return dict(fields(f"{path}:{lineno}", shape, lambda: (read_question_id(row), (row["width"], row["height"])))
                 for lineno, row in common.input_rows(path))
 
 
 def convert_det(path):
     shape = "benchmark_det row (img_path: .../DATASET/FILE, question_id, expression, bbox, width, height)"
     return [(f"{path}:{lineno}", fields(f"{path}:{lineno}", shape, lambda: dict(
-        row, id=f"{row['img_path'].split('/')[-2]}-{row['question_id']}", image=row["img_path"],
+        row, id=f"{row['img_path'].split('/')[-2]}-{read_question_id(row)}", image=row["img_path"],
         question=row["expression"], answer="", dataset=row["img_path"].split("/")[-2])))
         for lineno, row in common.input_rows(path)]
 

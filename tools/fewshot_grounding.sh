@@ -4,7 +4,10 @@
 # for as many more steps. Grounding only (the focus step: question -> the target's box), scored on 4000
 # held-out images (at 1000 one paired SE was about a point, as large as the effect). README has the table.
 #   bash tools/fewshot_grounding.sh        # SHOTS=32 SEED=0 by default; OUT=runs/fewshot (replaced); ~3 min
+# PYTHON names the interpreter (default python); OUT is replaced only when an earlier run made it (fresh_out.sh).
 set -euo pipefail
+source "$(dirname "$0")/fresh_out.sh"
+OUT=$(absolute_out "${OUT:-}")
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fewshot}
 SEED=${SEED:-0}               # the world and the few-shot SFT
@@ -17,7 +20,7 @@ RL_LR=${RL_LR:-2.5e-4}       # both arms' learning rate (GRPO at 5e-4 lost the b
 BETA=${BETA:-0.2}            # GRPO's KL weight
 PY=${PYTHON:-python}
 DATA=$OUT/world/data
-rm -rf "$OUT"
+fresh_out "$OUT"
 T0=$SECONDS
 banner() { printf '\n=== %s (at %d s) ===\n' "$1" $((SECONDS - T0)); }
 

@@ -3,10 +3,13 @@ stage, a control), a measure that does not need the greedy answers to move: the 
 per held-out question (VisRL's chain box -> crop -> answer, or the zoom loop), each gets its group advantage
 from the run's rewards, and for each trained model the change of each rollout's log-probability (start ->
 trained) is weighted by its advantage. The gain is the mean of that product
-over the questions whose group has a reward spread (each question: the mean over its G rollouts), with its
-standard error over those questions. To first order it is the change in the expected reward on those questions
-(the policy-gradient surrogate): positive when, on questions it never saw, the update raised the better rollouts
-against the worse ones; a no-op gives 0, a small update against the reward a negative number.
+over the questions whose group has a reward spread (each question: the mean over its rollouts whose advantage is
+not 0, all G of them where the reward is 0 or 1), with its standard error over those questions. It is the
+policy-gradient surrogate with the run's own advantages (each group's rewards centred and, under the default
+--scale_rewards group, divided by their standard deviation), so to first order it follows the change in the
+expected reward on those questions in units of each group's spread, not the change itself: positive when, on
+questions it never saw, the update raised the better rollouts against the worse ones; a no-op gives 0, a small
+update against the reward a negative number.
 
 First order only: it sees how the start's rollouts moved, not where the probability they lost went. An update that
 lowers the worse rollouts more than the better ones scores positive even when the mass goes to text the start
@@ -39,7 +42,10 @@ import common  # noqa: E402
 import grpo  # noqa: E402
 
 
-def sample_rollouts(module, processor, prompts, images, args, chunk=16):
+ROLLOUT_CHUNK = 16  # questions per sampling batch: the random draws depend on it
+
+
+def sample_rollouts(module, processor, prompts, images, args, chunk=ROLLOUT_CHUNK):
     """G sampled rollouts per prompt from `module`, in prompt order, and their rewards (prompts, G)."""
     rollouts = []
     for s in common.progress(range(0, len(prompts), chunk), True, desc="rollouts", unit="chunk"):
@@ -192,6 +198,10 @@ def main(argv=None):
     parser.add_argument("--against", default=None, help="one of --trained (a control): every other one's gain "
                         "minus its gain, per question, with the standard error of that paired difference")
     a, grpo_flags = parser.parse_known_args(argv)
+    if a.reward_n and a.reward_n != a.n and (a.reward_n > a.n or a.reward_n % ROLLOUT_CHUNK):
+        parser.error(f"--reward_n {a.reward_n}: must be --n ({a.n}) or a multiple of {ROLLOUT_CHUNK} below it, so that "
+                     "its questions are sampled in the probe's batches (an unchanged model then draws the start's "
+                     "very rollouts)")
     if a.against and a.against not in a.trained:
         parser.error(f"--against {a.against}: not one of --trained")
     for flag, path in [("--start", a.start)] + [("--trained", t) for t in a.trained]:
