@@ -66,8 +66,9 @@ def check_question(q, where):
 
 
 def select_pair(candidates, args):
-    """(chosen, rejected) or (None, rule that dropped the question)."""
-    scored = [c for c in candidates if c.get("s_R") is not None and c.get("s_B") is not None]
+    """(chosen, rejected) or (None, rule that dropped the question). A candidate whose box text is empty (the
+    sample ended at once) is no response to prefer or reject: left out with the unscored ones."""
+    scored = [c for c in candidates if c.get("s_R") is not None and c.get("s_B") is not None and c["box_text"].strip()]
     if not scored:
         return None, "no_scored_candidates"
     best, worst = max(c["s_R"] for c in scored), min(c["s_R"] for c in scored)

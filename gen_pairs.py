@@ -61,6 +61,7 @@ def parse_args(argv=None):
     g.add_argument("--data", required=True, help="records (JSONL: id, image, question, answer, optional bbox)")
     g.add_argument("--image_root", default=None, help="image root (default: the data file's directory)")
     g.add_argument("--out", required=True, help="candidates JSONL (one line per question)")
+    g.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher; do not pass")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                    help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--box_decimals", type=common.COUNT, default=3, help="decimals of a random box's text (viscot/norm)")
@@ -130,17 +131,21 @@ def random_box(first, w, h, rng, band=0.4, band_step=0.1, band_every=20, tries=1
 
 # ------------------------------------------------------------------------------------------- judging
 
+SCORE_NUMBER = r"""["']?(?P<x>-?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?)["']?"""
+
+
 def parse_score(reply):
-    """VisRL's judge reply -> a score in [0, 1], or None: {"score": x} (code fences, prose around it and a
-    bare number tolerated)."""
+    """VisRL's judge reply -> a score in [0, 1], or None: {"score": x} (code fences, prose around it, a quoted
+    number, an exponent and a bare number tolerated). A fraction ("8/10", "3 out of 5") is None: its scale is
+    not VisRL's, and reading its numerator would score it 1."""
     if not isinstance(reply, str):
         return None
     text = re.sub(r"```(?:json)?", "", reply).strip()
-    m = re.search(r"""["']?score["']?\s*(?:is)?\s*[:=]?\s*(-?\d+(?:\.\d+)?)""", text, re.I) or \
-        re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*", text)
-    if m is None:
+    m = re.search(r"""["']?score["']?\s*(?:is)?\s*[:=]?\s*""" + SCORE_NUMBER + r"(?P<fraction>\s*(?:/|out\s+of)\s*\d)?",
+                  text, re.I) or re.fullmatch(r"\s*" + SCORE_NUMBER + r"\s*", text)
+    if m is None or m.groupdict().get("fraction"):
         return None
-    return min(1.0, max(0.0, float(m.group(1))))
+    return min(1.0, max(0.0, float(m.group("x"))))
 
 
 def coverage(crop, box):
@@ -361,7 +366,8 @@ def main(argv=None):
     out_path = shard_path(args.out, rank, world)
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     settings = {k: v for k, v in vars(args).items() if k not in ("data", "image_root", "out", "batch_size",
-                                                                  "judge_workers", "judge_retries", "dtype", "attn")}
+                                                                  "judge_workers", "judge_retries", "dtype", "attn",
+                                                                  "local_rank")}
     made_by = dict(settings, **common.model_stamp(args), data=os.path.abspath(args.data),
                    image_root=os.path.abspath(image_root))
     # Each rank appends to its own shard (the merged file when alone); the stamp is the run's, beside --out.

@@ -206,7 +206,9 @@ def precompute_reference(rt, model, processor, units, args, resuming):
     common.check_made_by(path[:-len(".jsonl")] + ".made_by.json", {
         **common.model_stamp(args), "data": rt.order["data"],  # the hash data_order took of --data
         "eval_data": common.file_fingerprint(args.eval_data) if args.eval_data else None,
-        "prompt_set": args.prompt_set, "preference_eos": args.preference_eos})
+        "prompt_set": args.prompt_set, "preference_eos": args.preference_eos,
+        # what else moves the numbers: the images read, and the precision and attention they were computed in
+        "image_root": os.path.abspath(args.image_root), "dtype": args.dtype, "attn": args.attn})
     rt.barrier()
     cache = {row["key"]: row for row in common.resume_jsonl(path)} if os.path.exists(path) else {}
     todo = [u for u in units if u["key"] not in cache]

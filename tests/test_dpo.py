@@ -2,6 +2,7 @@
 arithmetic (TRL is a test-only dependency), sequence log-probs of the shared-encode forward against a naive
 one-example-at-a-time gather, precomputed against on-the-fly references, the refusals, and stage 2's units.
 Learning (preference accuracy rises; a sign-flipped loss fails the same check) is in test_learning.py."""
+import json
 import math
 import os
 import shutil
@@ -238,6 +239,9 @@ def test_precomputed_reference_equals_a_reference_model(toy, tmp_path, eos):
     assert pre[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at the first step
     cached = common.read_jsonl(str(tmp_path / "pre" / "reference_logps.jsonl"))
     assert len(cached) == 8 and len({r["key"] for r in cached}) == 8
+    with open(tmp_path / "pre" / "reference_logps.made_by.json") as f:  # a resume with others is refused
+        stamp = json.load(f)
+    assert {"weights", "data", "prompt_set", "preference_eos", "image_root", "dtype", "attn"} <= stamp.keys()
 
 
 def test_adapter_disabled_reference_refused_with_an_unmerged_adapter():

@@ -56,6 +56,8 @@ def test_random_box_widens_its_band_and_gives_up():
     ('{"score": 0.8}', 0.8), ("```json\n{\"score\": 1}\n```", 1.0), ("{'score': 0.25}", 0.25),
     ("The score is: 0.5 overall", 0.5), ("0.3", 0.3), ('{"score": 1.7}', 1.0), ('{"score": -2}', 0.0),
     ("I cannot judge this.", None), ("", None), (None, None), ('{"points": 0.9}', None),
+    ("score: 0.8.", 0.8), ('{"score": 1e-1}', 0.1), ('{"score": "0.8"}', 0.8), ('{"score": .5}', 0.5),
+    ("score: 8/10", None), ("Score 3 out of 5", None),
 ])
 def test_parse_judge_score(reply, score):
     assert gen_pairs.parse_score(reply) == score
@@ -69,7 +71,7 @@ def test_coverage():
 
 # -------------------------------------------------------------------------------------------- filter
 
-def cand(s_R, s_B, tag=""):
+def cand(s_R, s_B, tag="box"):
     return {"s_R": s_R, "s_B": s_B, "box_text": tag, "answer": tag, "crop": [0, 0, 1, 1], "box": [0, 0, 1, 1]}
 
 
@@ -82,6 +84,8 @@ FILTER = SimpleNamespace(answer_high=0.8, answer_low=0.2, box_high=0.8, box_low=
     ([cand(0, 0.1, "r1"), cand(1, 0.5, "x"), cand(1, 0.9, "c1"), cand(1, 1.0, "c2"), cand(0, 0.0, "r2")],
      ("c1", "r1")),                                                                  # ties: the first qualifying
     ([cand(None, 0.9, "a"), cand(1, None, "b"), cand(1, 0.9, "c"), cand(0, 0, "d")], ("c", "d")),  # nulls ignored
+    ([cand(1, 0.9, "a"), cand(0, 0.1, " "), cand(0, 0.1, "b")], ("a", "b")),        # an empty box text: no side
+    ([cand(1, 0.9, "a"), cand(0, 0.1, "")], "min_answer_above_low"),
     ([cand(None, None), cand(1, None)], "no_scored_candidates"),
     ([], "no_scored_candidates"),
     ([cand(0.7, 0.9), cand(0, 0)], "max_answer_below_high"),
@@ -200,8 +204,10 @@ def test_output_lines_bad_image_and_ranks(toy, tmp_path):
     data = str(tmp_path / "five.jsonl")
     common.write_jsonl(data, recs)
     out = str(tmp_path / "c.jsonl")
-    # Two ranks without torch.distributed: each takes every 2nd question; rank 0 merges when both are done.
-    procs = [subprocess.Popen(gen_cmd(toy, data, out), cwd=ROOT, env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
+    # Two ranks without torch.distributed: each takes every 2nd question; rank 0 merges when both are done. Each
+    # gets --local_rank=r, as the deepspeed launcher adds it.
+    procs = [subprocess.Popen(gen_cmd(toy, data, out) + [f"--local_rank={r}"], cwd=ROOT,
+                              env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (1, 0)]
     # Rank 1 exits 0 (an early non-zero exit would make torchrun stop rank 0); rank 0, after merging, exits 1
     # naming the list of questions it could not answer.
