@@ -2,18 +2,23 @@
 
     python tools/make_zoom_toy.py --out zoom_toy [--seed 0]
 
-A 448x336 image on a 4x3 grid of 112-pixel tiles, each occupied tile tinted by its cell (as tools/make_toy.py)
-and framed: the target's tile in the asked colour, the others grey. In each tile a 12-pixel dark shape sits at
-the centre of one of its four 56-pixel quarters. "What shape is the red object?" asks for the shape in the
-red-framed tile. The processor shows every image at most 112 x 112 pixels and at least as many: the full
-image at a quarter of its size (the frame is visible, the shape 3 pixels wide is not), a tile at its own size
-(the shape's place is visible, its form barely: 12 pixels in one 14-pixel patch), and a crop of the shape
-(at least 28 pixels) upscaled four times (48 pixels: readable). So the answer needs two nested looks: the
-tile, then the shape.
+A 1792x1344 image on a 4x3 grid of 448-pixel tiles, each occupied tile tinted by its cell (as tools/make_toy.py)
+and framed (48 pixels): the target's tile in the asked colour, the others grey. In each tile a 12-pixel dark shape
+sits at the centre of one of its four 224-pixel quarters. "What shape is the red object?" asks for the shape in
+the red-framed tile. The processor shows every image at about 112 x 112 pixels: the full image at a sixteenth of
+its size (the tiles 28 pixels, the frames 3: visible; the shape under a pixel: not), a tile at a quarter (the
+shape 3 pixels wide: where it is, visible; its form, not), and a crop of the shape (grown to at least 28 pixels)
+four times larger (48 pixels: readable). So the answer needs two nested looks: the tile, then the shape. (The
+world before this one was a quarter the size, 448x336 with 112-pixel tiles, its shapes also 12 pixels: there a
+tile was shown at its own size and one look at the tile read the shape: docs/toy_experiments.md.)
 
 Writes zoom_toy/qwen2-vl/ (the toy model with this processor) and zoom_toy/data/: train.jsonl (bbox: the
 shape's box; zooms: [tile, shape box], the two-look trace, or [tile] for a share 1 - --two_looks of them),
-questions.jsonl (no box), test.jsonl (bbox).
+questions.jsonl (no box), test.jsonl (bbox: the target's shape).
+
+--trace_tiles any: each training record's trace and bbox look at a tile drawn uniformly among the image's, not
+necessarily the asked colour's (the main toy world's --train_boxes any: an annotator who boxed something in the
+picture without reading the question); its answer stays the asked shape, so which tile to look at is left to RL.
 """
 import json
 import os
@@ -26,13 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a scrip
 from make_toy import BACKGROUND, COLOURS, SHAPES, build_model, build_tokenizer, cell_tint, draw_shape  # noqa: E402
 import common  # noqa: E402  (make_toy put the repository root on the path)
 
-WIDTH, HEIGHT, TILE, SHAPE, FRAME = 448, 336, 112, 12, 12
+WIDTH, HEIGHT, TILE, SHAPE, FRAME = 1792, 1344, 448, 12, 48
 GRID_COLS, GRID_ROWS = WIDTH // TILE, HEIGHT // TILE
 SHAPE_COLOUR, GREY_FRAME = (30, 30, 30), (90, 90, 90)
 IMAGE = {"min_pixels": 112 * 112, "max_pixels": 112 * 112}  # every image, full or crop, shown at about 112 x 112
 
 
-def make_record(rng, index, split, image_dir, max_tiles, with_boxes):
+def make_record(rng, index, split, image_dir, max_tiles, with_boxes, pick_tile):
+    """One image and question; with_boxes: the trace and bbox of tile pick_tile(tiles), 0 being the target's."""
     n = rng.randint(1, max_tiles)
     cells = rng.sample(range(GRID_COLS * GRID_ROWS), n)
     colour = rng.choice(list(COLOURS))
@@ -52,10 +58,11 @@ def make_record(rng, index, split, image_dir, max_tiles, with_boxes):
         tiles.append(([x0, y0, x0 + TILE, y0 + TILE], shape, box))
     name = f"{split}_{index:05d}.png"
     image.save(os.path.join(image_dir, name))
-    tile, shape, box = tiles[0]
+    shape = tiles[0][1]
     rec = {"id": f"{split}-{index}", "image": f"images/{name}", "question": f"What shape is the {colour} object?",
            "answer": shape, "width": WIDTH, "height": HEIGHT, "dataset": "zoom_toy", "objects": n}
     if with_boxes:
+        tile, _, box = tiles[pick_tile(n)]
         rec.update(bbox=box, zooms=[tile, box])
     return rec
 
@@ -72,17 +79,22 @@ def main():
     parser.add_argument("--two_looks", type=common.FRACTION, default=1.0,
                         help="share of training traces with both looks; the others stop at the tile (a cold start "
                              "that rarely shows the second look); the images are the same at any share")
+    parser.add_argument("--trace_tiles", default="target", choices=["target", "any"],
+                        help="the training traces' tile: the asked colour's, or any of the image's (RL finds which)")
     args = parser.parse_args()
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a file, not a directory")
     data_dir = os.path.join(args.out, "data")
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
     rng, cut = random.Random(args.seed), random.Random(f"two looks {args.seed}")
+    anyone = random.Random(f"trace tiles {args.seed}")  # its own stream: the images are the same either way
+    pick_train = (lambda n: anyone.randrange(n)) if args.trace_tiles == "any" else (lambda n: 0)
     for split, n, with_boxes in (("train", args.n_train, True), ("questions", args.n_questions, False),
                                  ("test", args.n_test, True)):
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
             for i in range(n):
-                rec = make_record(rng, i, split, os.path.join(data_dir, "images"), args.max_tiles, with_boxes)
+                rec = make_record(rng, i, split, os.path.join(data_dir, "images"), args.max_tiles, with_boxes,
+                                  pick_train if split == "train" else (lambda n: 0))
                 if split == "train" and cut.random() >= args.two_looks:
                     rec["zooms"] = rec["zooms"][:1]
                 f.write(json.dumps(rec) + "\n")

@@ -2,18 +2,23 @@
 # One-step focus vs multi-turn zoom on the zoom toy world (tools/make_zoom_toy.py: a small shape whose form only
 # a second, nested look resolves), after SFT and after GRPO; README "Multi-turn zoom" has the measured table.
 #   bash tools/zoom_world.sh     # SEED=0 (the world's; training at the scripts' default seed), OUT=runs/zoom_world
-#                                # (replaced); ~20 min on 2 CPU cores
+#                                # (replaced); 32 min on 2 CPU cores next to another such run
 #   TWO_LOOKS=0.1 bash tools/zoom_world.sh   # a cold start: only 10 % of the zoom SFT traces show the second look
+#   TRACE_TILES=any bash tools/zoom_world.sh  # the training traces and boxes look at any tile, not the asked one's
 # The two arms run side by side, one thread each: the focus chain (two-step SFT on the shape's box, then GRPO
 # --task focus) and the zoom loop (SFT on the two-look traces, then GRPO --task zoom); same steps and data.
+# PYTHON names the interpreter (default python); OUT is replaced only when an earlier run made it (fresh_out.sh).
 set -euo pipefail
+source "$(dirname "$0")/fresh_out.sh"
+OUT=$(absolute_out "${OUT:-}")
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/zoom_world}
 SEED=${SEED:-0}
 TWO_LOOKS=${TWO_LOOKS:-1}
+TRACE_TILES=${TRACE_TILES:-target}
 PY=${PYTHON:-python}
 DATA=$OUT/world/data
-rm -rf "$OUT"
+fresh_out "$OUT"
 mkdir -p "$OUT/logs"
 T0=$SECONDS
 SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2"
@@ -22,7 +27,8 @@ GRPO="--data $DATA/questions.jsonl --rule_metric exact --finetune full --lr 5e-4
 EVAL="--questions $DATA/test.jsonl --batch_size 64 --rule_metric exact"
 
 echo "=== zoom world (at 0 s) ==="
-$PY tools/make_zoom_toy.py --out "$OUT/world" --seed "$SEED" --n_questions 500 --n_test 500 --two_looks "$TWO_LOOKS"
+$PY tools/make_zoom_toy.py --out "$OUT/world" --seed "$SEED" --n_questions 500 --n_test 500 --two_looks "$TWO_LOOKS" \
+    --trace_tiles "$TRACE_TILES"
 
 focus() {
     $PY sft.py --model "$OUT/world/qwen2-vl" --data "$DATA/train.jsonl" --output_dir "$OUT/sft_focus" \
@@ -45,8 +51,10 @@ zoom() {
 echo "=== focus chain and zoom loop, side by side (logs: $OUT/logs) ==="
 (export OMP_NUM_THREADS=1; focus > "$OUT/logs/focus.log" 2>&1) & F=$!
 (export OMP_NUM_THREADS=1; zoom > "$OUT/logs/zoom.log" 2>&1) & Z=$!
-wait $F || { tail -n 30 "$OUT/logs/focus.log"; exit 1; }
-wait $Z || { tail -n 30 "$OUT/logs/zoom.log"; exit 1; }
+trap 'kill $F $Z 2> /dev/null || true' EXIT  # an arm that failed stops the other, which would run on for minutes
+wait $F || { tail -n 30 "$OUT/logs/focus.log" >&2; exit 1; }
+wait $Z || { tail -n 30 "$OUT/logs/zoom.log" >&2; exit 1; }
+trap - EXIT
 
 printf '\nOn %s held-out questions, %d s:\n\n' "$(wc -l < "$DATA/test.jsonl")" $((SECONDS - T0))
 E=$OUT/eval
