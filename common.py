@@ -1295,6 +1295,8 @@ def prefix_groups(model, batch, features):
     each row takes the longest prefix another row shares (none: its own, and no saving)."""
     if not features or not _continues_from_cache(model):
         return None
+    if not bool(batch["attention_mask"][:, 0].all()):  # a left-padded batch (collate pads right): run it whole,
+        return None                                     # as the prefixes below start every row at position 0
     ids, types = batch["input_ids"].tolist(), batch["mm_token_type_ids"].tolist()
     labelled = (batch["labels"] != IGNORE_INDEX).tolist()
     lengths = batch["attention_mask"].sum(1).tolist()

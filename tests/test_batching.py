@@ -263,6 +263,9 @@ def test_shared_prefixes_give_the_single_forwards_logprobs_and_gradients(toy, fa
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert common.prefix_groups(model, batch, features) is None  # a checkpointed layer drops the cache
     model.gradient_checkpointing_disable()
+    left = dict(batch, attention_mask=batch["attention_mask"].clone())
+    left["attention_mask"][0, 0] = 0  # a row that opens with padding
+    assert common.prefix_groups(model, left, features) is None  # prefixes start at position 0: right padding only
     # 2 prompts x (box, answer) x 3, then the pair, which shares its crop with the last answer before it
     assert group_of == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 4, 4, 4] and owners == [0, 1, 6, 7, 11]
     before_answer = [int((batch["labels"][r] != IGNORE_INDEX).nonzero()[0]) - 1 for r in range(len(cuts))]
