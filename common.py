@@ -1518,12 +1518,16 @@ def zoom_call_text(box, view, box_format, decimals, processor):
 
 
 def zoom_box(text, view, box_format, processor):
-    """What a model turn asks for: None when it makes no zoom call (the turn is the answer), "invalid" when its
-    call's box does not parse, else the box in original pixels (the runtime shows crop_box of it)."""
+    """What a model turn asks for: None when it makes no zoom call (the turn is the answer), "invalid" when it
+    opens a call that does not close ("<zoom>[...]</zooom>": read as an answer it would hide a broken call among
+    the wrong answers) or whose box does not parse, else the box in original pixels (the runtime shows crop_box
+    of it)."""
     start = text.find(ZOOM_OPEN)
-    end = text.find(ZOOM_CLOSE, start + len(ZOOM_OPEN))
-    if start < 0 or end < 0:
+    if start < 0:
         return None
+    end = text.find(ZOOM_CLOSE, start + len(ZOOM_OPEN))
+    if end < 0:
+        return "invalid"
     vw, vh = view[2] - view[0], view[3] - view[1]
     resized = smart_resize_hw(processor, vw, vh) if box_format == "qwen25" else None
     box = parse_box(text[start + len(ZOOM_OPEN):end], box_format, vw, vh, resized)

@@ -46,7 +46,8 @@ def test_a_call_maps_back_to_the_original_image(toy, box_format):
     view = [0, 0, 224, 168]
     assert common.zoom_box("square", view, box_format, processor) is None  # no call: the answer
     assert common.zoom_box("<zoom>[0.5, 0.5]</zoom>", view, box_format, processor) == "invalid"
-    assert common.zoom_box("<zoom>[0.1, 0.1, 0.2, 0.2]", view, box_format, processor) is None  # unclosed
+    for unclosed in ("<zoom>[0.1, 0.1, 0.2, 0.2]", "<zoom>[0.1, 0.1, 0.2, 0.2]</zooom>"):  # a broken call, no answer
+        assert common.zoom_box(unclosed, view, box_format, processor) == "invalid"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
