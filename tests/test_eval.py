@@ -238,6 +238,8 @@ def test_chain_protocol_with_model_end_to_end(toy, tmp_path):
     assert "| six | 6 |" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["n"] == 6 and 0 <= report["answer_score"] <= 1 and report["settings"]["judge"] == "rule:exact"
+    # each questions file's hash, by which tools/compare.py refuses to pair reports of different questions
+    assert report["questions"] == {"six": common.file_fingerprint(str(tmp_path / "six.jsonl"))}
     preds = common.read_jsonl(str(tmp_path / "r.predictions" / "chain_six.jsonl"))
     assert [p["id"] for p in preds] == [r["id"] for r in recs] and all("box_text" in p for p in preds)
     raw = tmp_path / "r.predictions" / "chain_six.infer.jsonl"

@@ -88,13 +88,17 @@ def main():
     os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
     rng, cut = random.Random(args.seed), random.Random(f"two looks {args.seed}")
     anyone = random.Random(f"trace tiles {args.seed}")  # its own stream: the images are the same either way
-    pick_train = (lambda n: anyone.randrange(n)) if args.trace_tiles == "any" else (lambda n: 0)
+
+    def target_tile(n):
+        return 0
+
+    pick_train = (lambda n: anyone.randrange(n)) if args.trace_tiles == "any" else target_tile
     for split, n, with_boxes in (("train", args.n_train, True), ("questions", args.n_questions, False),
                                  ("test", args.n_test, True)):
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:
             for i in range(n):
                 rec = make_record(rng, i, split, os.path.join(data_dir, "images"), args.max_tiles, with_boxes,
-                                  pick_train if split == "train" else (lambda n: 0))
+                                  pick_train if split == "train" else target_tile)
                 if split == "train" and cut.random() >= args.two_looks:
                     rec["zooms"] = rec["zooms"][:1]
                 f.write(json.dumps(rec) + "\n")
