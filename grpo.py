@@ -28,8 +28,9 @@ Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
   zoom            multi-turn zoom (README "Zoom"): each turn the policy answers or writes <zoom>box</zoom>, and
                   the runtime shows it that region of the image as the next turn, up to --max_turns turns;
                   reward: answer (add zoom_tool for DeepEyes' tool bonus, granted only with a right answer, or
-                  zoom_used for any call). One sequence per rollout: every model turn is trained, the tool
-                  turns (the views) are not; an unparsable call ends the rollout with reward 0.
+                  zoom_used for any call, and zoom_format to score a conversation that answered with every
+                  call well-formed above one that did not). One sequence per rollout: every model turn is
+                  trained, the tool turns (the views) are not; an unparsable call ends the rollout with reward 0.
 
 Data: our records (id, image, question, answer, bbox) or Visual-RFT records (image, problem, solution);
 filter_pairs.py --grpo_out writes the latter for our questions. A record with `problem` is prompted with it
@@ -127,9 +128,9 @@ def parse_args(argv=None):
     unknown = [n for n in args.rewards if n not in REWARDS]
     if unknown:
         parser.error(f"unknown reward(s) {unknown}; choose from {sorted(REWARDS)}")
-    zoom_only = [n for n in args.rewards if n in ("zoom_used", "zoom_tool")]
+    zoom_only = [n for n in args.rewards if n in ("zoom_used", "zoom_tool", "zoom_format")]
     if zoom_only and args.task != "zoom":
-        parser.error(f"reward(s) {zoom_only} count zoom calls: only --task zoom makes any (elsewhere they are 0)")
+        parser.error(f"reward(s) {zoom_only} score zoom calls: only --task zoom makes any")
     try:
         args.reward_weights = [common.finite_number(float(w), "--reward_weights", "each weight")
                                for w in (args.reward_weights or ",".join(["1"] * len(args.rewards))).split(",")]
@@ -350,11 +351,18 @@ def zoom_tool_reward(completions, calls, answer=None, solution=None, rule_metric
     return [float(n > 0 and r >= 1.0) for n, r in zip(calls, right)]
 
 
+def zoom_format_reward(completions, **_):
+    """1 for a conversation that answered with every call well-formed. score() zeroes the others (an unclosed
+    or unparsable call, or still calling when the turns or the context ran out), so this term sets them below
+    a wrong answer: without it the two tie at 0, and GRPO can bend a call's closing tag at no cost."""
+    return [1.0] * len(completions)
+
+
 REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence": det_confidence_reward,
            "det_iou_strict": det_iou_strict_reward, "det_confidence_strict": det_confidence_strict_reward,
            "cls": cls_reward, "cls_virft": cls_virft_reward, "grounding_giou": grounding_giou_reward,
            "grounding_iou": grounding_iou_reward, "answer": answer_reward, "zoom_used": zoom_used_reward,
-           "zoom_tool": zoom_tool_reward}
+           "zoom_tool": zoom_tool_reward, "zoom_format": zoom_format_reward}
 # The record fields each reward reads (one of them must be given): read_prompts checks every record up front,
 # so a reward that does not fit the data is refused by name instead of failing at its first step.
 REWARD_FIELDS = {"det_iou": ("solution",), "det_confidence": ("solution",), "det_iou_strict": ("solution",),

@@ -308,7 +308,7 @@ CASES = [
                                           r"bad\.jsonl:7: duplicate id 'train-0'")),
     ("grpo-empty-prompts", lambda W, tmp: (grpo(W, tmp / "out", lines_with(tmp / "bad.jsonl", [])), r"no prompts")),
     ("grpo-zoom-reward-without-zoom", lambda W, tmp: (grpo(W, tmp / "out", None, "--rewards", "answer,zoom_tool"),
-                                                      r"reward\(s\) \['zoom_tool'\] count zoom calls: only --task zoom")),
+                                                      r"reward\(s\) \['zoom_tool'\] score zoom calls: only --task zoom")),
     ("grpo-max-turns-without-zoom", lambda W, tmp: (grpo(W, tmp / "out", None, "--max_turns", "5"),
                                                     r"--max_turns only apply to --task zoom")),
     ("infer-max-context-without-zoom", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--max_context", "500"),

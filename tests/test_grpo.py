@@ -537,7 +537,8 @@ def test_policy_gain_is_the_advantage_weighted_log_prob_change():
 
 def test_sampled_rewards_split_the_total_by_reward():
     """policy_gain's direct measure reports the run's total and, with several rewards, each alone, scored as the
-    total is (an unusable rollout scores 0 in every one), so a zoom run's answers are told from its tool bonus."""
+    total is (an unusable rollout scores 0 in every one), so a zoom run's answers are told from its tool bonus;
+    zoom_format puts a wrong answer above a broken call."""
     from tools import policy_gain
     args = grpo.parse_args(["--task", "zoom", "--model", "m", "--data", "d", "--output_dir", os.devnull,
                             "--num_generations", "2", "--rewards", "answer,zoom_tool", "--rule_metric", "exact"])
@@ -550,6 +551,9 @@ def test_sampled_rewards_split_the_total_by_reward():
     got = policy_gain.question_rewards(rollouts, prompts, args, total)
     assert {k: v.tolist() for k, v in got.items()} == {"total": [1.0, 0.5], "answer": [0.5, 0.5],
                                                        "zoom_tool": [0.5, 0.0]}
+    formatted = grpo.parse_args(["--task", "zoom", "--model", "m", "--data", "d", "--output_dir", os.devnull,
+                                 "--num_generations", "2", "--rewards", "answer,zoom_format", "--rule_metric", "exact"])
+    assert policy_gain.rollout_rewards(rollouts, prompts, formatted).tolist() == [[2.0, 1.0], [2.0, 0.0]]
     one = grpo.parse_args(["--task", "focus", "--model", "m", "--data", "d", "--output_dir", os.devnull,
                            "--num_generations", "2"])
     assert policy_gain.question_rewards(rollouts, prompts, one, total).keys() == {"total"}

@@ -10,7 +10,7 @@ from PIL import Image
 
 import common
 from conftest import ROOT
-from tools.make_zoom_toy import COLOURS, GREY_FRAME, SHAPE_COLOUR, TILE
+from tools.make_zoom_toy import COLOURS, GREY_FRAME, PLATE, PLATE_COLOUR, SHAPE_COLOUR, TILE
 
 
 def test_splits_box_what_the_regime_says(tmp_path):
@@ -54,8 +54,9 @@ def test_unnamed_distractors_are_shapes_no_answer_names(tmp_path):
 
 def test_the_zoom_world_needs_two_nested_looks(tmp_path):
     """tools/make_zoom_toy.py: each trace is the asked colour's tile, then the shape inside it (nested, as sft.py
-    checks), the box is the shape's; and the processor shows the full image at a sixteenth (a tile 28 pixels), the
-    tile at a quarter (the shape 3 pixels wide) and the shape's smallest crop four times larger."""
+    checks), the box is the shape's, on its plate; and the processor shows the full image at a sixteenth (a tile 28
+    pixels), the tile at a quarter (the shape 3 pixels wide, its plate 9) and the shape's smallest crop four times
+    larger."""
     subprocess.run([sys.executable, f"{ROOT}/tools/make_zoom_toy.py", "--out", str(tmp_path), "--n_train", "40",
                     "--n_questions", "5", "--n_test", "5"], check=True, capture_output=True)
     train = common.read_records(str(tmp_path / "data" / "train.jsonl"))  # validates the zoom traces too
@@ -65,7 +66,10 @@ def test_the_zoom_world_needs_two_nested_looks(tmp_path):
         image = Image.open(tmp_path / "data" / rec["image"]).convert("RGB")
         colour = rec["question"].split()[4]
         assert image.getpixel((tile[0] + 2, tile[1] + 2)) == COLOURS[colour]  # the asked colour frames the tile
-        assert image.getpixel(((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)) == SHAPE_COLOUR
+        cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+        assert image.getpixel((cx, cy)) == SHAPE_COLOUR
+        assert image.getpixel((cx - PLATE // 2, cy - PLATE // 2)) == PLATE_COLOUR  # the plate's corner
+        assert image.getpixel((cx - PLATE // 2 - 1, cy - PLATE // 2 - 1)) != PLATE_COLOUR
     assert all("bbox" not in r for r in common.read_jsonl(str(tmp_path / "data" / "questions.jsonl")))
     processor = common.load_processor(str(tmp_path / "qwen2-vl"))
     assert common.smart_resize_hw(processor, 1792, 1344) == (84, 112)
