@@ -6,6 +6,8 @@
 #   TWO_LOOKS=0.1 bash tools/zoom_world.sh   # a cold start: only 10 % of the zoom SFT traces show the second look
 #   TRACE_TILES=any bash tools/zoom_world.sh  # the training traces and boxes look at any tile, not the asked one's
 #   TWO_LOOKS=0.1 BETA=0.04 RL_STEPS=120 bash tools/zoom_world.sh   # GRPO's KL weight and steps (default 0.2, 40)
+#   BOX_DECIMALS=3 bash tools/zoom_world.sh  # the SFT box texts' decimals (default 2: in the full view's frame a
+#                                            # step is 18 pixels, more than the 12-pixel shape; in a tile's, 4.5)
 # The two arms run side by side, one thread each: the focus chain (two-step SFT on the shape's box, then GRPO
 # --task focus) and the zoom loop (SFT on the two-look traces, then GRPO --task zoom); same steps and data.
 # PYTHON names the interpreter (default python); OUT is replaced only when an earlier run made it (fresh_out.sh).
@@ -19,12 +21,13 @@ TWO_LOOKS=${TWO_LOOKS:-1}
 TRACE_TILES=${TRACE_TILES:-target}
 BETA=${BETA:-0.2}
 RL_STEPS=${RL_STEPS:-40}
+BOX_DECIMALS=${BOX_DECIMALS:-2}
 PY=${PYTHON:-python}
 DATA=$OUT/world/data
 fresh_out "$OUT"
 mkdir -p "$OUT/logs"
 T0=$SECONDS
-SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals 2"
+SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals $BOX_DECIMALS"
 GRPO="--data $DATA/questions.jsonl --rule_metric exact --finetune full --lr 5e-4 --warmup_ratio 0.15 --beta $BETA
       --max_steps $RL_STEPS --batch_size 8 --num_generations 8 --sample_steps 0"
 EVAL="--questions $DATA/test.jsonl --batch_size 64 --rule_metric exact"
