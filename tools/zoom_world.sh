@@ -27,7 +27,8 @@ DATA=$OUT/world/data
 fresh_out "$OUT"
 mkdir -p "$OUT/logs"
 T0=$SECONDS
-SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8 --box_decimals $BOX_DECIMALS"
+SFT="--finetune full --lr 2e-3 --min_lr_ratio 0.1 --warmup_ratio 0.07 --max_steps 1000 --batch_size 8
+     --box_decimals $BOX_DECIMALS"
 GRPO="--data $DATA/questions.jsonl --rule_metric exact --finetune full --lr 5e-4 --warmup_ratio 0.15 --beta $BETA
       --max_steps $RL_STEPS --batch_size 8 --num_generations 8 --sample_steps 0"
 EVAL="--questions $DATA/test.jsonl --batch_size 64 --rule_metric exact"
