@@ -21,6 +21,7 @@ paths only under --image_dir; remote URLs are never fetched. It binds to 127.0.0
 """
 import base64
 import binascii
+import contextlib
 import io
 import json
 import os
@@ -75,8 +76,19 @@ def parse_args(argv=None):
     s.add_argument("--max_body_mb", type=common.POSITIVE, default=20.0, help="largest request body accepted")
     s.add_argument("--max_tokens_limit", type=common.POSITIVE_INT, default=2048,
                    help="largest max_tokens a request may ask for")
-    s.add_argument("--max_image_pixels", type=common.POSITIVE_INT, default=4096 * 4096,
-                   help="largest image (width x height) a request may send; checked from its header, before decoding")
+    # At most PIL's own limit: above twice it, PIL refuses the image before this server can read its size.
+    s.add_argument("--max_image_pixels", type=common.bounded(int, 1, Image.MAX_IMAGE_PIXELS), default=4096 * 4096,
+                   help="largest image (width x height) a request may send; checked from its header, before decoding "
+                        f"(at most {Image.MAX_IMAGE_PIXELS}, PIL's own limit)")
+    # The processor resizes every image to its max_pixels (12.8 Mpx for Qwen2/2.5-VL, 16k vision tokens) and a
+    # 7B model's context holds a few such images at most: four at the per-image cap is more than a request can
+    # use, and bounds what one request makes the server decode (about 200 MB as RGB, a second or two).
+    s.add_argument("--max_request_pixels", type=common.POSITIVE_INT, default=4 * 4096 * 4096,
+                   help="largest total of a request's image sizes (width x height, summed); checked from their "
+                        "headers, before any is decoded")
+    # The pixel caps do not bound many small images, and each costs decoding, processing and vision tokens
+    # (the prompt's length is not otherwise bounded): 64 images of 448 x 448 already fill half a 32k context.
+    s.add_argument("--max_images", type=common.POSITIVE_INT, default=64, help="most images one request may send")
     s.add_argument("--max_generate_s", type=common.POSITIVE, default=120.0,
                    help="seconds one generate call of a request may run; its completions stop there (finish_reason "
                         "'length')")
@@ -226,10 +238,11 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def decode_image(url, image_dir, max_pixels=4096 * 4096):
-    """A PIL image from a data: URL, or from a path under image_dir; nothing else (no remote fetch). Its size
-    is read from the header and refused above max_pixels before any pixel is decoded: a small PNG can
-    declare 12000 x 12000 pixels, and decoding and resizing it holds the model for half a minute."""
+def open_image(url, image_dir, max_pixels):
+    """A PIL image from a data: URL, or from a path under image_dir; nothing else (no remote fetch). It comes
+    back opened, not decoded (the caller closes it): its size is read from the header and refused above
+    max_pixels before any pixel is decoded, since a small PNG can declare 12000 x 12000 pixels, and decoding
+    and resizing it holds the model for half a minute."""
     if not isinstance(url, str) or not url:
         raise RequestError(400, "image_url.url must be a non-empty string", "messages")
     if url.startswith("data:"):
@@ -259,51 +272,82 @@ def decode_image(url, image_dir, max_pixels=4096 * 4096):
             raise RequestError(400, f"image path {path!r} does not exist", "messages")
         source = full
     try:
-        with Image.open(source) as im:
-            if im.size[0] * im.size[1] > max_pixels:
-                raise RequestError(413, f"image of {im.size[0]}x{im.size[1]} pixels exceeds the server's "
-                                        f"--max_image_pixels ({max_pixels})", "messages")
-            if max(im.size) > common.MAX_ASPECT * min(im.size):
-                raise RequestError(400, f"image of {im.size[0]}x{im.size[1]} pixels: a side over "
-                                        f"{common.MAX_ASPECT} times the other, which the processor refuses", "messages")
-            return im.convert("RGB")
+        im = Image.open(source)
+    except Image.DecompressionBombError:
+        # PIL refuses a header over twice its own limit before the size reaches us; --max_image_pixels is at
+        # most that limit (parse_args), so the image is over the server's cap too, and is answered as such.
+        raise RequestError(413, f"image of more than {2 * Image.MAX_IMAGE_PIXELS} pixels exceeds the server's "
+                                f"--max_image_pixels ({max_pixels})", "messages") from None
     except UnidentifiedImageError:
         raise RequestError(400, "cannot decode image: not an image format PIL reads", "messages") from None
     except common.IMAGE_ERRORS as e:
         raise RequestError(400, f"cannot decode image: {e}", "messages") from None
+    (w, h), refusal = im.size, None
+    if w * h > max_pixels:
+        refusal = RequestError(413, f"image of {w}x{h} pixels exceeds the server's --max_image_pixels ({max_pixels})",
+                               "messages")
+    elif max(w, h) > common.MAX_ASPECT * min(w, h):
+        refusal = RequestError(400, f"image of {w}x{h} pixels: a side over {common.MAX_ASPECT} times the other, "
+                                    "which the processor refuses", "messages")
+    if refusal:
+        im.close()
+        raise refusal
+    return im
 
 
-def chat_to_messages(messages, image_dir, max_pixels=4096 * 4096):
-    """OpenAI chat messages -> (chat-template messages, images in order)."""
+def decode_image(im):
+    """The RGB pixels of an image open_image let through."""
+    try:
+        return im.convert("RGB")
+    except common.IMAGE_ERRORS as e:  # a header that reads well, over data that does not (truncated, corrupt)
+        raise RequestError(400, f"cannot decode image: {e}", "messages") from None
+
+
+def chat_to_messages(messages, args):
+    """OpenAI chat messages -> (chat-template messages, images in order). Every image's header is read and
+    checked, alone and together (--max_images, --max_request_pixels), before any image is decoded: what one
+    request makes the server decode is bounded by those caps, not by --max_body_mb (20 MB of PNG can hold
+    billions of pixels), and --max_generate_s does not cover decoding."""
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    out, images = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
-        content = m.get("content")
-        if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            if not content:
-                raise RequestError(400, f"messages[{i}]: content is an empty list", "messages")
-            parts = []
-            for p in content:
-                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
-                    parts.append({"type": "text", "text": p["text"]})
-                elif isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
-                    images.append(decode_image(p["image_url"].get("url"), image_dir, max_pixels))
-                    parts.append({"type": "image"})
-                else:
-                    raise RequestError(400, f"messages[{i}]: content parts must be text or image_url", "messages")
-        else:
-            raise RequestError(400, f"messages[{i}]: content must be a string or a list of parts", "messages")
-        found = next((t for p in parts if (t := common.special_token_in(p.get("text", "")))), None)
-        if found:
-            raise RequestError(400, f"messages[{i}] holds the special token {found} (a vision placeholder or a "
-                                    "turn marker of the chat template)", "messages")
-        out.append({"role": m["role"], "content": parts})
-    return out, images
+    out, opened, pixels = [], [], 0
+    with contextlib.ExitStack() as closing:
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise RequestError(400, f"messages[{i}] needs a role of system, user or assistant", "messages")
+            content = m.get("content")
+            if isinstance(content, str):
+                parts = [{"type": "text", "text": content}]
+            elif isinstance(content, list):
+                if not content:
+                    raise RequestError(400, f"messages[{i}]: content is an empty list", "messages")
+                parts = []
+                for p in content:
+                    if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str):
+                        parts.append({"type": "text", "text": p["text"]})
+                    elif isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
+                        if len(opened) == args.max_images:
+                            raise RequestError(413, f"more than the server's --max_images ({args.max_images}) "
+                                                    "images in one request", "messages")
+                        im = closing.enter_context(open_image(p["image_url"].get("url"), args.image_dir,
+                                                              args.max_image_pixels))
+                        pixels += im.size[0] * im.size[1]
+                        if pixels > args.max_request_pixels:
+                            raise RequestError(413, f"the request's first {len(opened) + 1} images come to {pixels} "
+                                                    f"pixels, over the server's --max_request_pixels "
+                                                    f"({args.max_request_pixels})", "messages")
+                        opened.append(im)
+                        parts.append({"type": "image"})
+                    else:
+                        raise RequestError(400, f"messages[{i}]: content parts must be text or image_url", "messages")
+            else:
+                raise RequestError(400, f"messages[{i}]: content must be a string or a list of parts", "messages")
+            found = next((t for p in parts if (t := common.special_token_in(p.get("text", "")))), None)
+            if found:
+                raise RequestError(400, f"messages[{i}] holds the special token {found} (a vision placeholder or a "
+                                        "turn marker of the chat template)", "messages")
+            out.append({"role": m["role"], "content": parts})
+        return out, [decode_image(im) for im in opened]
 
 
 # Request fields the server reads, and those it accepts only at the value that asks for nothing (what clients
@@ -365,7 +409,7 @@ class Server:
         seed = body.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
             raise RequestError(400, "'seed' must be an integer in 0..2**63-1", "seed")
-        messages, images = chat_to_messages(body.get("messages"), self.args.image_dir, self.args.max_image_pixels)
+        messages, images = chat_to_messages(body.get("messages"), self.args)
         sample = temperature >= common.MIN_TEMPERATURE  # below it, greedy (as vLLM reads a tiny temperature)
         gen = dict(max_new_tokens=max_tokens, do_sample=sample, temperature=temperature if sample else 1.0,
                    max_time=self.args.max_generate_s)
@@ -482,18 +526,26 @@ def make_handler(server):
 
         def do_POST(self):
             if self.path.rstrip("/") != "/v1/chat/completions":
+                self.close_connection = True  # a body it may carry is not read
                 self._error(404, f"no route {self.path}")
                 return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
+            # The body's framing (RFC 9112 section 6.3). Anything but one Content-Length of plain digits is
+            # refused and the connection closed: where the body ends is not known, and a server that guessed
+            # (the first of two lengths, or the length beside a chunked body) would read the rest as the next
+            # request. Chunked bodies are not read (the openai clients and urllib send a Content-Length). Over
+            # 18 digits a length is no real body's (and int() refuses one of over 4300).
+            lengths = [value.strip(" \t") for value in self.headers.get_all("Content-Length", [])]
+            if self.headers.get_all("Transfer-Encoding") or len(lengths) > 1 or \
+                    (lengths and not (lengths[0].isascii() and lengths[0].isdigit() and len(lengths[0]) <= 18)):
+                self.close_connection = True
+                self._error(400, "the request body must be framed by one Content-Length (a decimal number of at "
+                                 "most 18 digits) and no Transfer-Encoding (chunked bodies are not supported)")
+                return
+            if not lengths:
                 self.close_connection = True
                 self._error(411, "a Content-Length header is required")
                 return
-            if length < 0:  # rfile.read(-1) would wait for the client to close the connection
-                self.close_connection = True
-                self._error(400, "Content-Length must not be negative")
-                return
+            length = int(lengths[0])
             if length > max_body:
                 self.close_connection = True  # the unread body must not be parsed as the next request
                 self._error(413, f"request body of {length} bytes exceeds --max_body_mb ({max_body} bytes)")

@@ -28,6 +28,8 @@ QUESTION = "What shape is the red object?"
 IMAGE = "images/train_00000.png"  # relative to --image_dir (the toy data directory)
 MAX_TOKENS = 8  # the model is random: a few tokens show the structure as well as many would
 MAX_IMAGE_PIXELS = 400 * 300  # the server's cap in these tests: the toy's 224 x 168 images are under it
+MAX_REQUEST_PIXELS = 3 * MAX_IMAGE_PIXELS  # a request's images together: three at the per-image cap
+MAX_IMAGES = 8
 
 
 def start(model, processor, args):
@@ -44,7 +46,8 @@ def srv(toy):
     model, processor = common.load_model(path).eval(), common.load_processor(path)
     args = infer.parse_args(["--serve", "--model", path, "--port", "0", "--image_dir", str(toy / "data"),
                              "--max_body_mb", "0.5", "--read_timeout", "3",
-                             "--max_image_pixels", str(MAX_IMAGE_PIXELS)])
+                             "--max_image_pixels", str(MAX_IMAGE_PIXELS), "--max_request_pixels",
+                             str(MAX_REQUEST_PIXELS), "--max_images", str(MAX_IMAGES)])
     httpd, thread = start(model, processor, args)
     with open(toy / "data" / IMAGE, "rb") as f:
         png = f.read()
@@ -112,6 +115,16 @@ def raw_exchange(port, data, timeout=10):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
         return s.recv(4096)
+
+
+def raw_replies(port, data, timeout=30):
+    """Send raw bytes on a socket and return all the server sends back until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        replies = b""
+        while chunk := s.recv(65536):
+            replies += chunk
+        return replies
 
 
 # ----------------------------------------------------------------------------- the openai client, end to end
@@ -286,10 +299,10 @@ def test_symlink_out_of_image_dir_is_refused(srv, tmp_path):
     (tmp_path / "inside").mkdir()
     (tmp_path / "inside" / "link.png").symlink_to(srv.toy / "data" / IMAGE)
     with pytest.raises(infer.RequestError) as e:
-        infer.decode_image("link.png", str(tmp_path / "inside"))
+        infer.open_image("link.png", str(tmp_path / "inside"), MAX_IMAGE_PIXELS)
     assert e.value.status == 403
     with pytest.raises(infer.RequestError) as e:  # and without --image_dir, no local path at all
-        infer.decode_image(IMAGE, None)
+        infer.open_image(IMAGE, None, MAX_IMAGE_PIXELS)
     assert e.value.status == 403
 
 
@@ -348,6 +361,38 @@ def test_bad_content_length_does_not_hang(srv):
     assert raw_exchange(srv.port, head + b"Content-Length: -1\r\n\r\n{}").startswith(b"HTTP/1.1 400")
 
 
+# A body whose end is not given by exactly one Content-Length of digits (RFC 9112 section 6.3).
+SMUGGLED = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+BAD_FRAMING = [
+    ("two_lengths", b"Content-Length: 2\r\nContent-Length: 50\r\n"),
+    ("two_equal_lengths", b"Content-Length: 2\r\nContent-Length: 2\r\n"),
+    ("length_list", b"Content-Length: 2, 50\r\n"),
+    ("chunked_and_length", b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n"),
+    ("chunked", b"Transfer-Encoding: chunked\r\n"),
+    ("length_with_underscore", b"Content-Length: 5_0\r\n"),  # int() reads 50
+    ("length_with_sign", b"Content-Length: +2\r\n"),
+    ("length_of_19_digits", b"Content-Length: " + b"9" * 19 + b"\r\n"),
+]
+
+
+@pytest.mark.parametrize("headers", [c[1] for c in BAD_FRAMING], ids=[c[0] for c in BAD_FRAMING])
+def test_ambiguous_body_framing_is_refused(srv, headers):
+    """400, and the connection closed: where the body ends is not known, so nothing after the headers may be
+    read as the next request. A server that took the first length would read 2 bytes and then answer the GET
+    /health hidden in the body as well."""
+    replies = raw_replies(srv.port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n{}"
+                          + SMUGGLED)
+    assert replies.startswith(b"HTTP/1.1 400") and replies.count(b"HTTP/1.1 ") == 1, replies
+    assert json.loads(replies.split(b"\r\n\r\n", 1)[1])["error"]["code"] == 400
+
+
+def test_an_unread_body_is_never_read_as_the_next_request(srv):
+    # A POST to an unknown route is refused without reading its body: the connection closes after the 404.
+    replies = raw_replies(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+                          + SMUGGLED)
+    assert replies.startswith(b"HTTP/1.1 404") and replies.count(b"HTTP/1.1 ") == 1, replies
+
+
 def test_keep_alive_after_an_error(srv):
     """A rejected request leaves the connection usable: the next request on it is answered normally."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
@@ -388,6 +433,43 @@ def test_images_over_the_pixel_cap_are_refused_before_decoding(srv, client, monk
     assert_error(*post(srv.port, chat([image_part(just_over), text_part()])), 413)
     assert decoded == []
     assert post(srv.port, chat([image_part(srv.image_url), text_part()]))[0] == 200
+
+
+def test_an_image_over_pils_own_limit_gets_the_same_413(srv, client):
+    """20000 x 20000 is over twice PIL's decompression-bomb limit, which PIL enforces as it opens the image,
+    before the server sees the size: still the 413 naming --max_image_pixels, not PIL's text. The flag cannot
+    go above PIL's limit, so an image PIL refuses is always over the server's cap too."""
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": [
+            image_part(png_claiming(20000, 20000)), text_part()]}], max_tokens=MAX_TOKENS)
+    assert e.value.status_code == 413 and "--max_image_pixels" in e.value.message
+    assert "bomb" not in e.value.message
+    with pytest.raises(SystemExit):
+        infer.parse_args(["--serve", "--model", "m", "--max_image_pixels", str(Image.MAX_IMAGE_PIXELS + 1)])
+
+
+def test_a_request_s_images_are_capped_together_before_any_is_decoded(srv, monkeypatch):
+    """Images each under --max_image_pixels still add up: over --max_request_pixels in all (across messages),
+    or more than --max_images of them, is 413 naming the flag, read from the headers with no pixel decoded
+    (the audit's 400 images of 1000 x 1000 took 11 s and 3 GB). At the caps, answered."""
+    at_image_cap = png_claiming(400, 300)  # MAX_IMAGE_PIXELS each, pixel data missing: decoding would fail
+    small = png_url(28, 28)
+    decoded = []
+    real_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real_load(self))
+    over = {"model": NAME, "max_tokens": MAX_TOKENS, "messages": [
+        {"role": "user", "content": [image_part(at_image_cap), image_part(at_image_cap), text_part()]},
+        {"role": "assistant", "content": "A circle."},
+        {"role": "user", "content": [image_part(at_image_cap), image_part(at_image_cap), text_part()]}]}
+    status, reply = post(srv.port, over)
+    assert_error(status, reply, 413)
+    assert "--max_request_pixels" in reply["error"]["message"] and str(4 * MAX_IMAGE_PIXELS) in reply["error"]["message"]
+    status, reply = post(srv.port, chat([image_part(small)] * (MAX_IMAGES + 1) + [text_part()]))
+    assert_error(status, reply, 413)
+    assert "--max_images" in reply["error"]["message"]
+    assert decoded == []
+    assert post(srv.port, chat([image_part(png_url(400, 300))] * 3 + [text_part()]))[0] == 200
+    assert post(srv.port, chat([image_part(small)] * MAX_IMAGES + [text_part()]))[0] == 200
 
 
 def test_generation_stops_at_max_generate_s(srv, client, monkeypatch):
