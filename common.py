@@ -1586,7 +1586,9 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
             c["turns"] += 1
             full = c["images"][0]
             view = c["views"][-1] if c["views"] else [0, 0, full.width, full.height]
-            call = None if bad or not res["stopped"] else zoom_box(text, view, box_format, processor)
+            call = None if bad else zoom_box(text, view, box_format, processor)
+            if call is not None and not res["stopped"]:
+                call = "invalid"  # a call in a turn max_new_tokens cut: never finished, and not an answer either
             if call is None or call == "invalid" or turn == max_turns - 1:
                 c.update(ids=ids, text=text, stopped=res["stopped"] and not bad, invalid=bad or call == "invalid",
                          max_turns_hit=call not in (None, "invalid"))

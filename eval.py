@@ -888,11 +888,14 @@ COLUMNS = {
 
 
 def mean_over_datasets(per_dataset):
-    """Counts summed; every other number averaged over datasets (each dataset weighs the same)."""
+    """Counts summed; every other number averaged over datasets (each dataset weighs the same). The zoom
+    protocol's numbers by turns taken exist only where a dataset has rows of that many turns: their counts are
+    summed and their scores averaged over the datasets that have them."""
     out = {}
-    for key, value in next(iter(per_dataset.values())).items():
-        values = [m[key] for m in per_dataset.values() if isinstance(m.get(key), (int, float))]
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and len(values) == len(per_dataset):
+    for key in dict.fromkeys(k for m in per_dataset.values() for k in m):
+        values = [m[key] for m in per_dataset.values()
+                  if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool)]
+        if values and (len(values) == len(per_dataset) or key.startswith(("n_turns_", "answer_score_turns_"))):
             out[key] = sum(values) if key in SUMMED or key.startswith("n_turns_") else float(np.mean(values))
     return out
 

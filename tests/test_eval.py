@@ -304,3 +304,16 @@ def test_every_protocol_runs_a_model_first(toy, tmp_path, protocol):
     if protocol == "viscot-det":  # Visual-CoT's model_cot_det_loader.py asks "<expression lower-cased>. Please ..."
         questions = common.read_jsonl(qpath)
         assert [p["prompt"] for p in preds] == [q["expression"].lower() + "." for q in questions]
+
+
+def test_several_datasets_keep_the_turn_counts_one_of_them_lacks():
+    """Over several questions files the zoom protocol's numbers by turns taken are summed (counts) and averaged
+    (scores) over the datasets that have rows of that many turns: kept only where every dataset had them, the
+    overall counts fell short of n."""
+    one_look = {"n": 3, "answer_score": 0.5, "n_turns_2": 3, "answer_score_turns_2": 0.5, "zoomed": True}
+    mixed = {"n": 2, "answer_score": 1.0, "n_turns_1": 1, "answer_score_turns_1": 1.0, "n_turns_2": 1,
+             "answer_score_turns_2": 1.0}
+    assert ev.mean_over_datasets({"a": one_look, "b": mixed}) == {
+        "n": 5, "answer_score": 0.75, "n_turns_2": 4, "answer_score_turns_2": 0.75, "n_turns_1": 1,
+        "answer_score_turns_1": 1.0}
+

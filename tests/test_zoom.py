@@ -272,6 +272,32 @@ def test_a_conversation_that_never_answered_earns_nothing():
     assert per_fn == {"answer": [0.0, 1.0], "zoom_tool": [0.0, 1.0]} and total == [0.0, 2.0]
 
 
+def test_a_turn_cut_by_max_new_tokens_is_an_answer_only_without_a_call(toy, monkeypatch):
+    """A turn that --max_new_tokens cut ends the conversation: as its answer when it holds no call, else as an
+    invalid call, closed or not, which every reward scores 0. Read as an answer, token F1 credited the numbers
+    of the cut turn's box (0.29 against '0.1') and zoom_format called the broken call well-formed."""
+    from PIL import Image
+    processor = common.load_processor(str(toy / "qwen2-vl"))
+    tok = processor.tokenizer
+    cut_turns = ["<zoom>[0.1, 0.2, 0.3", "<zoom>[0.1, 0.1, 0.5, 0.5]</zoom> and then", "0.1 it is"]
+
+    def cut_generation(model, processor, encoded, features=None, **gen):  # conversation k writes cut_turns[k]
+        return [{"ids": tok(t, add_special_tokens=False)["input_ids"], "stopped": False} for t in cut_turns]
+    monkeypatch.setattr(common, "generate_encoded", cut_generation)
+    image, rec = Image.new("RGB", (224, 168)), {"id": "a", "question": "q", "answer": "0.1"}
+    enc = common.encode(processor, common.Example(rec, None, common.zoom_messages("q")), [image], pixels=False)
+    convs = common.zoom_conversations(None, processor, [enc] * 3, [image] * 3, [None] * 3, "viscot", 3,
+                                      max_new_tokens=8)
+    assert [(c["turns"], c["invalid"], c["answered"], c["views"]) for c in convs] == \
+        [(1, True, False, []), (1, True, False, []), (1, False, True, [])]
+    assert common.token_f1(convs[1]["text"], "0.1") > 0.28  # what the answer reward would have credited
+    rollouts = [{"prompt": 0, "text": c["text"], "invalid": c["invalid"], "answered": c["answered"], "calls": 0}
+                for c in convs]
+    per_fn, _ = grpo.score(rollouts, [{"rec": rec}], zoom_args(extra=["--rewards", "answer,zoom_format",
+                                                                      "--rule_metric", "f1"]))
+    assert per_fn["answer"] == [0.0, 0.0, 0.5] and per_fn["zoom_format"] == [0.0, 0.0, 1.0]
+
+
 def test_zoom_metrics_split_rewards_by_turns_taken():
     """Turn shares, and the total and the answer reward of the rollouts that took t turns, by hand: the tool
     bonus counts in the total only, so the answer's column says whether looking again paid."""
