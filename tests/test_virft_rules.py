@@ -92,6 +92,7 @@ def test_cls_exact_is_the_named_strict_option():
     ("<answer>red\nfox</answer>", "<answer>red fox</answer>", 0.0, 0.0),        # spans lines: whole text, no
     ("<answer>dog</answer>", "<answer>cat</answer>", 0.0, 0.0),
     ("<answer>cat</answer>", "cat", 1.0, 1.0),                                  # a bare label
+    ("<answer>\tfox</answer>", "<answer>arctic fox</answer>", 1.0, 0.0),        # stripped: the tab goes
 ])
 def test_cls_rewards(text, solution, virft, ours):
     assert grpo.REWARDS["cls_virft"]([text], solution=[solution]) == [virft]
@@ -123,6 +124,10 @@ QD = ([100.0, 50.0, 40.0, 40.0], 0.5)
     (f"<think>x</think><answer>[{P}]</answer><answer>[{Q}]</answer>", [PD], False),  # the first answer
     ('<answer>[{"Position": [100, 200, 300, 400], "Confidence": 0.9}]</answer>', [PD], False),
     (f"<answer>[{P}, {Q}</answer>", [PD], False),          # unclosed list: cut after the last '},': Q is lost
+    (f"<answer>[{P}, {Q}, {item([0, 0, 1000, 1000], 0.2)}</answer>", [PD, QD], False),  # ... the last, not the first
+    (f"<answer>[{P}] </answer>", [PD], False),             # stripped before the closing check
+    (f"[{P}]</answer>", [PD], False),                      # no opening tag: wrapped, read to the first </answer>
+    (f"<answer>[{P},...]</answer>", [], True),             # only ', ...' with its space is removed
     (f"<answer>[{P}, {{'Position': [5</answer>", [PD], False),              # a cut-off item goes
     (f"<answer>[{P}</answer>", [], True),                   # one closed item, list unclosed: '[P}]' fails
     ("<answer>[{'Position': [100, 200, 300, 400], 'Confidence': 0.9</answer>", [PD], False),  # '+}]' closes it
@@ -257,6 +262,8 @@ A, B = item([0, 0, 100, 100], 0.9), item([200, 200, 300, 300], 0.8)
     (f"<answer>[{A},\n{B}]</answer>", GT2, 0.0, 0.0),            # spans lines: the whole text, double tag
     ("<answer></answer>", GT1, 0.0, 0.0),
     ("<answer>[]</answer>", GT1, 0.0, 0.0),                      # [][0] raises
+    (f"<answer>[{A}]</answer>", f"<answer>[{item([0, 0, 100, 100], 1)},\n{item([200, 200, 300, 300], 1)}]</answer>",
+     0.5, 0.9),                                                  # the solution is read raw: its newline stays
     ("<answer>No Objects</answer>", "<answer>No Objects</answer>", 0.0, 0.0),
     (f"<answer>['cat', {A}]</answer>", GT1, 0.0, 0.0),           # first item not an object
     (f"<answer>[{A}, 5]</answer>", GT1, 0.0, 0.0),               # an item without Position raises
