@@ -5,11 +5,13 @@ Sections, in order: records (JSONL) | boxes | prompts | answers and judges | mod
 examples and batches | runtime (launchers, optimizer, schedule) | checkpoints | logging.
 """
 import argparse
+import atexit
 import contextlib
 import functools
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -20,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from safetensors import SafetensorError
 
 import torch
 
@@ -369,13 +372,16 @@ def parse_box(text, fmt, w, h, resized_hw=None, clamp=True):
             rh, rw = resized_hw
             box = [v[0] * w / rw, v[1] * h / rh, v[2] * w / rw, v[3] * h / rh]
         if clamp:
-            box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w),
-                   min(max(box[3], 0.0), h)]
-        if box[2] <= box[0] or box[3] <= box[1]:
-            return None
-        return box
+            return clamp_box(box, w, h)
+        return box if box[2] > box[0] and box[3] > box[1] else None
     except Exception:  # noqa: BLE001 - the contract is "never raises": any surprise is "unparsable"
         return None
+
+
+def clamp_box(box, w, h):
+    """A pixel box clamped to the w x h image, or None when nothing of it is left inside."""
+    box = [min(max(box[0], 0.0), w), min(max(box[1], 0.0), h), min(max(box[2], 0.0), w), min(max(box[3], 0.0), h)]
+    return box if box[2] > box[0] and box[3] > box[1] else None
 
 
 def crop_box(box, w, h, min_size):
@@ -827,7 +833,7 @@ def loading(path, flag="--model", processor_only=False):
     check_model_path(path, flag, processor_only)
     try:
         yield
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{flag} {path}: cannot load it ({reason})") from None
 
@@ -981,6 +987,16 @@ def regex(text):
     return text
 
 
+def http_url(text):
+    """An argparse type: an http(s) endpoint with a host (one without is only found when the first call fails,
+    which a judge records as a failed verdict)."""
+    from urllib.parse import urlparse
+    parts = urlparse(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL with a host")
+    return text
+
+
 def bounded(kind, low=None, high=None, open_low=False, open_high=False):
     """An argparse type: a `kind` number in a range, so a bad flag value is refused before any model loads."""
     def parse(text):
@@ -1055,7 +1071,7 @@ def load_for_training(args, ckpt=None):
     resuming, the checkpoint's full model or its adapter on --model."""
     dtype = resolve_dtype(args.dtype)
     if ckpt and args.finetune == "full":
-        model = load_model(ckpt, dtype, args.attn)
+        model = load_model(ckpt, dtype, args.attn, flag="--resume")
     else:
         model = load_model(args.model, dtype, args.attn, adapter=ckpt or args.adapter, adapter_trainable=True)
     return prepare_for_training(model, args)
@@ -1559,8 +1575,8 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
     first turn's prompt (zoom_messages, encoded; a prompt sampled G times is listed G times), images[k] its
     full image, features[k] that image's features. Conversations that open the same view of the same image
     (samples of one prompt often do) share one crop and one encode of it. A conversation ends at a turn without
-    a zoom call (the answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens, after
-    max_turns turns, or at a call whose view would leave no room for a next turn of max_new_tokens within
+    a zoom call (the answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens (an answer
+    if it holds no call, else an invalid call, closed or not), after max_turns turns, or at a call whose view would leave no room for a next turn of max_new_tokens within
     max_context tokens (the whole conversation: prompt, images and turns; the first turn always runs), so no
     conversation grows past max_context.
 
@@ -1947,7 +1963,8 @@ def save_checkpoint(rt, processor, out_dir, step, extra=None):
             state.update(optimizer=rt.optimizer.state_dict(), scheduler=rt.scheduler.state_dict())
         torch.save(state, os.path.join(tmp, "training_state.pt"))
         with open(os.path.join(tmp, CHECKPOINT_INFO), "w") as f:  # what --resume checks before loading anything
-            json.dump({"stage": rt.stage, "finetune": rt.args.finetune, "step": step, "order": rt.order}, f)
+            json.dump({"stage": rt.stage, "finetune": rt.args.finetune, "step": step, "order": rt.order,
+                       "model": model_identity(rt.args.model)}, f)
     # Every rank's RNG: dropout and sampling continue as if never stopped.
     torch.save(rng_state(), os.path.join(tmp, f"rng_state_{rt.rank}.pt"))
     rt.barrier()
@@ -2111,19 +2128,64 @@ def claim_output_dir(args):
     if int(os.environ.get("RANK", "0")) != 0:
         return
     out = args.output_dir
+    if args.resume and args.overwrite:
+        raise DataError("--resume continues the run in --output_dir and --overwrite replaces it: give one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--output_dir {out}: a file, not a directory")
-    os.makedirs(out, exist_ok=True)
+    created = not os.path.exists(out)
+    make_dirs(out, "--output_dir")
     hold_lock(os.path.join(out, "run.lock"), f"--output_dir {out}")
+    atexit.register(drop_if_unused, out, created)
     earlier = sorted(name for name in os.listdir(out) if STAGE_OUTPUTS.fullmatch(name))
     if earlier and not args.resume:
         if not args.overwrite:
             listed = ", ".join(earlier[:4]) + (", ..." if len(earlier) > 4 else "")
             raise DataError(f"--output_dir {out} holds an earlier run ({listed}): --resume latest continues it, "
                             "--overwrite replaces it")
-        for name in earlier:
-            path = os.path.join(out, name)
+        doomed = [os.path.join(out, name) for name in earlier]
+        for flag, given in run_inputs(args):
+            inside = next((path for path in doomed if within(given, path)), None)
+            if inside:
+                raise DataError(f"{flag} {given} is in {inside}, which --overwrite would delete: move it out of "
+                                "--output_dir first")
+        for path in doomed:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def make_dirs(path, flag):
+    """os.makedirs, its failure (a parent that is a file, no permission) one line naming the flag."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+
+
+def run_inputs(args):
+    """(flag, path) of each file or folder a stage reads: what its outputs must not replace."""
+    pairs = []
+    for key in ("model", "adapter", "ref_model", "data", "eval_data", "image_root"):
+        given = getattr(args, key, None)
+        if given and os.path.exists(given):
+            pairs.append((f"--{key}", given))
+    return pairs
+
+
+def within(path, folder):
+    """Whether path is folder or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def drop_if_unused(out, created):
+    """At exit: an output folder that holds nothing but this run's lock (the run failed before writing
+    anything) is left as it was found: the lock removed, the folder too when this run created it."""
+    try:
+        if os.listdir(out) == ["run.lock"]:
+            os.remove(os.path.join(out, "run.lock"))
+            if created:
+                os.rmdir(out)
+    except OSError:
+        pass  # another run took it over, or it is gone: nothing of ours to tidy
 
 
 def check_not_input(path, flag, inputs, companions=()):
@@ -2137,7 +2199,7 @@ def check_not_input(path, flag, inputs, companions=()):
                                 "input")
     if os.path.isdir(path):
         raise DataError(f"{flag} {path}: a directory, not a file")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dirs(os.path.dirname(os.path.abspath(path)), flag)
 
 
 def claim_output_file(path, flag, inputs, overwrite, companions=()):
@@ -2176,7 +2238,12 @@ def checkpoint_steps(out_dir):
     return [int(m.group(1)) for d in os.listdir(out_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
 
 
-CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune, step and data order
+CHECKPOINT_INFO = "checkpoint.json"  # a checkpoint's stage, --finetune, step, data order and --model
+
+
+def model_identity(model):
+    """--model as a checkpoint records it: a local folder by its resolved path, a hub id as given."""
+    return os.path.realpath(model) if os.path.isdir(model) else model
 
 
 def resolve_resume(args, stage, total_steps, order=None):
@@ -2210,6 +2277,10 @@ def resolve_resume(args, stage, total_steps, order=None):
         if saved_finetune != args.finetune:
             raise DataError(f"--resume {ckpt}: trained with --finetune {saved_finetune}, this run has --finetune "
                             f"{args.finetune}")
+        if info.get("model", model_identity(args.model)) != model_identity(args.model):
+            # full fine-tuning takes the weights from the checkpoint and the processor from --model: two models
+            raise DataError(f"--resume {ckpt}: trained from --model {info['model']}, this run has --model "
+                            f"{args.model}")
         if saved_step > total_steps:
             raise DataError(f"--resume {ckpt}: at step {saved_step}, past this run's last step {total_steps} (a "
                             "larger --max_steps or more epochs continues it)")
@@ -2244,7 +2315,7 @@ def load_checkpoint(rt, ckpt):
     loaded with the model (load_model from the checkpoint directory)."""
     # On the CPU first: saved from rank 0's GPU, the optimizer state would otherwise land whole on every rank's
     # cuda:0 before load_state_dict moves it to the parameters' device.
-    state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=False)
+    state = load_state_file(os.path.join(ckpt, "training_state.pt"))
     if rt.use_deepspeed:
         rt.engine.load_checkpoint(ckpt, tag="deepspeed", load_module_strict=False)
     else:
@@ -2252,8 +2323,17 @@ def load_checkpoint(rt, ckpt):
         rt.scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(ckpt, f"rng_state_{rt.rank}.pt")
     if os.path.exists(rng_file):
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(load_state_file(rng_file))
     return state
+
+
+def load_state_file(path):
+    """torch.load of a checkpoint's state file; one cut short or damaged is a one-line error naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"--resume: {path} is unreadable ({reason})") from None
 
 
 # ----------------------------------------------------------------------------------------------- logging

@@ -91,7 +91,7 @@ def parse_args(argv=None):
     j.add_argument("--judge", default="rule", choices=["rule", "http", "model"], help="who scores answers")
     j.add_argument("--rule_metric", default="exact", choices=sorted(common.RULE_JUDGES),
                    help="rule judge: normalised exact match, token F1 or ANLS")
-    j.add_argument("--judge_url", default=None, help="http judge: endpoint base, e.g. http://127.0.0.1:8000/v1")
+    j.add_argument("--judge_url", type=common.http_url, default=None, help="http judge: endpoint base, e.g. http://127.0.0.1:8000/v1")
     j.add_argument("--judge_model", default=None, help="http judge: model name; model judge: checkpoint directory")
     j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="http judge: env var holding the API key")
     j.add_argument("--judge_workers", type=common.POSITIVE_INT, default=8, help="http judge: concurrent requests")
@@ -717,12 +717,12 @@ def predicted_box(pred, rec, args):
     """The prediction's pixel box: its `box` field (infer.py output) or its text in --box_format."""
     if pred is None:
         return None
+    w, h = rec["width"], rec["height"]
     if pred.get("box") is not None:  # a box that is not one (NaN, reversed, not four numbers) is unparsable
-        try:
-            return common.check_box(pred["box"], "box")
+        try:  # clamped to the image, as a box read from text is (one past it by 1e308 made gIoU NaN)
+            return common.clamp_box(common.check_box(pred["box"], "box"), w, h)
         except common.DataError:
             return None
-    w, h = rec["width"], rec["height"]
     resized = (int(rec["resized_height"]), int(rec["resized_width"])) if "resized_height" in rec else None
     return common.parse_box(common.extract_answer(pred.get("text") or pred.get("box_text")),
                             args.box_format, w, h, resized)

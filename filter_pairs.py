@@ -60,6 +60,9 @@ def check_question(q, where):
                     raise common.DataError(f"{at} lacks '{key}'")
             if not isinstance(c["box_text"], str) or not (c["answer"] is None or isinstance(c["answer"], str)):
                 raise common.DataError(f"{at}: box_text must be a string and answer a string or null")
+            for key in ("box_text", "answer"):  # a pair trains on them: rl_stage1/2 would refuse it there
+                if token := common.special_token_in(c[key] or ""):
+                    raise common.DataError(f"{at}: {key} holds the special token {token}")
             for key in ("crop", "box"):  # null: the box did not parse
                 if c[key] is not None:
                     common.check_box(c[key], f"{at}: {key}", q["width"], q["height"])

@@ -69,6 +69,11 @@ def check_out(args):
     files its marker lists (anything added since is someone else's, and replacing --out would delete it)."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} is a file, not a directory")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    while not os.path.exists(parent):  # the folder the merge will be created in, checked before the work
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"--out {args.out}: {parent} is a file, not a directory")
     if not os.path.isdir(args.out) or not os.listdir(args.out):
         return
     others = sorted(set(os.listdir(args.out)) - set(written_files(args.out)) - {MARKER})

@@ -128,14 +128,36 @@ def file_at(path):
     return path
 
 
-def checkpoint_of(tmp, stage, finetune="full", order=None):
-    """A checkpoint directory as another run leaves one (its weights aside: the check comes first)."""
+def checkpoint_of(tmp, stage, finetune="full", order=None, model=None, weights=None):
+    """A checkpoint directory as another run leaves one: its weights those of the model folder `weights`, or
+    none (the checks come first), its training state empty (as one cut short)."""
+    import shutil
     ckpt = tmp / "ck" / "checkpoint-1"
-    ckpt.mkdir(parents=True)
+    if weights:
+        shutil.copytree(weights, ckpt)
+    ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "training_state.pt").write_bytes(b"")
-    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": stage, "finetune": finetune, "step": 1,
-                                                           "order": order}))
+    info = {"stage": stage, "finetune": finetune, "step": 1, "order": order}
+    (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps(info if model is None else dict(info, model=model)))
     return str(ckpt)
+
+
+def model_cut_short(W, tmp):
+    """A copy of the toy model whose weights file lost its second half."""
+    import shutil
+    shutil.copytree(W.model, tmp / "m")
+    weights = tmp / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    return str(tmp / "m")
+
+
+def earlier_run_holding(tmp, name, source):
+    """A used --output_dir whose earlier run's `name` (a stage output) holds a copy of `source`, a file or a
+    model folder: what this run reads from there, --overwrite would delete."""
+    import shutil
+    out = used_output_dir(tmp)
+    (shutil.copytree if os.path.isdir(source) else shutil.copy)(source, out / name)
+    return out
 
 
 def thin_image_records(W, tmp):
@@ -273,6 +295,26 @@ CASES = [
     ("grpo-used-output-dir", lambda W, tmp: (grpo(W, used_output_dir(tmp)), r"holds an earlier run")),
     ("sft-output-dir-is-a-file", lambda W, tmp: (sft(W, file_at(tmp / "out")), r"--output_dir .*out: a file, not a "
                                                                                r"directory")),
+    ("sft-output-dir-under-a-file", lambda W, tmp: (sft(W, file_at(tmp / "f") / "out"),
+                                                    r"--output_dir .*f/out: cannot create it \(Not a directory\)")),
+    ("grpo-output-dir-under-a-file", lambda W, tmp: (grpo(W, file_at(tmp / "f") / "out"), r"cannot create it")),
+    ("sft-overwrite-would-delete-its-model", lambda W, tmp: (
+        sft(W, earlier_run_holding(tmp, "final", W.model), None, "--model", str(tmp / "out" / "final"), "--overwrite"),
+        r"--model .*out/final is in .*out/final, which --overwrite would delete: move it out of --output_dir first")),
+    ("grpo-overwrite-would-delete-its-data", lambda W, tmp: (
+        grpo(W, earlier_run_holding(tmp, "samples.jsonl", W.train), str(tmp / "out" / "samples.jsonl"),
+             "--overwrite"), r"--data .*out/samples\.jsonl is in .*, which --overwrite would delete")),
+    ("sft-resume-and-overwrite", lambda W, tmp: (sft(W, used_output_dir(tmp), None, "--resume", "latest",
+                                                     "--overwrite"),
+                                                 r"--resume continues the run in --output_dir and --overwrite replaces "
+                                                 r"it: give one")),
+    ("sft-resume-from-another-model", lambda W, tmp: (sft(W, tmp / "out", None, "--resume", checkpoint_of(
+        tmp, "sft", model=os.path.join(os.path.dirname(W.model), "qwen2.5-vl"))),
+        r"--resume .*checkpoint-1: trained from --model .*qwen2\.5-vl, this run has --model .*qwen2-vl")),
+    ("sft-resume-state-cut-short", lambda W, tmp: (sft(W, tmp / "out", None, "--resume", checkpoint_of(
+        tmp, "sft", weights=W.model)), r"--resume: .*checkpoint-1/training_state\.pt is unreadable")),
+    ("sft-model-weights-cut-short", lambda W, tmp: (sft(W, tmp / "out", None, "--model", model_cut_short(W, tmp)),
+                                                    r"--model .*m: cannot load it")),
     # --- preference pairs
     ("rl1-duplicate-pair-id", lambda W, tmp: (rl(W, tmp / "out", lines_with(tmp / "p.jsonl", common.read_jsonl(
         W.pairs)[:3] + common.read_jsonl(W.pairs)[:1])), r"p\.jsonl:4: duplicate id 'train-0'")),
@@ -335,6 +377,10 @@ CASES = [
     # --- self-evolution candidates and inference
     ("gen-pairs-attempts-0", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--attempts", "0"),
                                              r"argument --attempts: 0 is outside")),
+    ("gen-pairs-judge-url-not-a-url", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--judge", "http",
+                                                                "--judge_url", "notaurl", "--judge_model", "m"),
+                                                      r"argument --judge_url: 'notaurl' is not an http:// or https:// "
+                                                      r"URL with a host")),
     ("gen-pairs-empty-data", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", lines_with(tmp / "bad.jsonl", [])),
                                              r"bad\.jsonl: no records")),
     ("gen-pairs-model-missing", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--model", str(tmp / "m")),
@@ -359,6 +405,8 @@ CASES = [
     ("infer-out-is-a-directory", lambda W, tmp: (infer(W, file_at(tmp / "p" / "x").parent),
                                                  r"--out .*p: a directory, not a file")),
     ("infer-out-empty", lambda W, tmp: (infer(W, ""), r"--out is empty")),
+    ("infer-out-under-a-file", lambda W, tmp: (infer(W, file_at(tmp / "f") / "p.jsonl"),
+                                               r"--out .*f: cannot create it")),
     ("infer-batch-size-0", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--batch_size", "0"),
                                            r"argument --batch_size: 0")),
     ("infer-empty-data", lambda W, tmp: (infer(W, tmp / "p.jsonl", lines_with(tmp / "bad.jsonl", [])),
@@ -394,6 +442,11 @@ CASES = [
     ("filter-chosen-box-text-null", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, box_text=None)),
                                                     r"cands\.jsonl:3: question 'train-2': scored candidate 0: "
                                                     r"box_text must be a string")),
+    ("filter-box-text-with-a-vision-token", lambda W, tmp: (
+        filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, box_text="<|image_pad|>")),
+        r"cands\.jsonl:3: question 'train-2': scored candidate 0: box_text holds the special token <\|image_pad\|>")),
+    ("filter-out-under-a-file", lambda W, tmp: (filter_pairs(file_at(tmp / "f") / "p.jsonl", W.cands),
+                                                r"--out .*f: cannot create it")),
     ("filter-crop-not-a-box", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, crop="nonsense")),
                                               r"cands\.jsonl:3: .*candidate 0: crop must be \[x1, y1, x2, y2\]")),
     ("filter-every-question-dropped", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", lines_with(tmp / "c.jsonl", [
@@ -438,6 +491,8 @@ CASES = [
             {"id": "train-0", "text": "<answer>circle</answer>"}])),
         r"q\.jsonl / .*p\.jsonl: a row lacks a field the virft-cls protocol reads, or holds one of another type "
         r"\(\w+Error: ")),
+    ("eval-out-under-a-file", lambda W, tmp: (evaluate(W, file_at(tmp / "f") / "r.json", "chain", W.train, W.train),
+                                              r"--out .*f: cannot create it")),
     ("eval-batch-size-0", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                           + ("--batch_size", "0"), r"argument --batch_size: 0")),
     # --- merge
@@ -447,6 +502,8 @@ CASES = [
                                                     r"empty directory")),
     ("merge-out-is-an-earlier-merge", lambda W, tmp: (merge(W, file_at(tmp / "out" / "merge.json").parent),
                                                       r"--out .*out holds an earlier merge; --overwrite replaces it")),
+    ("merge-out-under-a-file", lambda W, tmp: (merge(W, file_at(tmp / "f") / "m"),
+                                               r"--out .*f/m: .*f is a file, not a directory")),
     ("merge-model-missing", lambda W, tmp: (merge(W, tmp / "out", model=str(tmp / "base")),
                                             r"--model .*base: no such directory")),
     ("merge-adapter-of-another-base", lambda W, tmp: (merge(W, tmp / "out", adapter=W.other_adapter),

@@ -317,3 +317,14 @@ def test_several_datasets_keep_the_turn_counts_one_of_them_lacks():
         "n": 5, "answer_score": 0.75, "n_turns_2": 4, "answer_score_turns_2": 0.75, "n_turns_1": 1,
         "answer_score_turns_1": 1.0}
 
+
+def test_a_predicted_box_is_clamped_to_the_image_as_a_box_read_from_text_is():
+    """A `box` field past the image is clamped to it (a finite one of 1e308 made the gIoU NaN, which the JSON
+    report cannot hold); one wholly outside, or not a box, is unparsable."""
+    args = ev.parse_args(["--protocol", "grounding", "--questions", "q", "--predictions", "p", "--out", "r.json"])
+    rec = {"id": "a", "width": 224, "height": 168, "bbox": [0, 0, 112, 84]}
+    assert ev.predicted_box({"box": [0, 0, 1e308, 1e308]}, rec, args) == [0, 0, 224, 168]
+    assert ev.predicted_box({"box": [300, 200, 400, 300]}, rec, args) is None
+    assert ev.predicted_box({"box": [-5, 0, 10, 10]}, rec, args) is None  # negative: not a pixel box
+    metrics, _ = ev.box_metrics([(ev.predicted_box({"box": [0, 0, 1e308, 1e308]}, rec, args), rec["bbox"])])
+    assert metrics["giou"] == pytest.approx(0.25) and json.dumps(metrics, allow_nan=False)

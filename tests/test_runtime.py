@@ -61,7 +61,7 @@ def test_resume_refuses_another_stage_another_finetune_or_a_checkpoint_past_the_
     (ckpt / "training_state.pt").write_bytes(b"")
     (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": "rl_stage1", "finetune": "lora", "step": 6}))
     for resume in ("latest", str(ckpt)):
-        args = argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="lora")
+        args = argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="lora", model="m")
         assert common.resolve_resume(args, "rl_stage1", 7) == str(ckpt)
         with pytest.raises(common.DataError, match=r"checkpoint-6: a checkpoint of rl_stage1, not of rl_stage2$"):
             common.resolve_resume(args, "rl_stage2", 7)
@@ -69,8 +69,8 @@ def test_resume_refuses_another_stage_another_finetune_or_a_checkpoint_past_the_
         with pytest.raises(common.DataError, match=r"at step 6, past this run's last step 5"):
             common.resolve_resume(args, "rl_stage1", 5)
         with pytest.raises(common.DataError, match=r"trained with --finetune lora, this run has --finetune full$"):
-            common.resolve_resume(argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="full"),
-                                  "rl_stage1", 7)
+            common.resolve_resume(argparse.Namespace(resume=resume, output_dir=str(tmp_path), finetune="full",
+                                                     model="m"), "rl_stage1", 7)
 
 
 def test_resume_from_an_earlier_checkpoint_refuses_while_later_ones_are_there(tmp_path):
@@ -91,7 +91,7 @@ def test_resume_refuses_a_checkpoint_drawn_in_another_data_order(tmp_path):
     (ckpt / "training_state.pt").write_bytes(b"")
     (ckpt / common.CHECKPOINT_INFO).write_text(json.dumps({"stage": "sft", "finetune": "lora", "step": 6,
                                                            "order": order}))
-    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path), finetune="lora")
+    args = argparse.Namespace(resume="latest", output_dir=str(tmp_path), finetune="lora", model="m")
     assert common.resolve_resume(args, "sft", 10, dict(order)) == str(ckpt)
     for change, shown in (({"global_batch": 4}, "global_batch 8 -> 4"), ({"seed": 7}, "seed 0 -> 7"),
                           ({"items": 41, "data": "fedcba9876543210"},
