@@ -416,6 +416,16 @@ CASES = [
                                                    r"bad\.jsonl: record 'train-5': --mode gt_box needs a bbox")),
     ("infer-adapter-of-another-base", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--adapter", W.other_adapter),
                                                       r"--adapter .*other_adapter was trained on")),
+    ("gen-pairs-adapter-of-another-base", lambda W, tmp: (gen_pairs(W, tmp / "c.jsonl", None, "--adapter",
+                                                                    W.other_adapter), r"--adapter .*other_adapter was "
+                                                                                      r"trained on")),
+    ("grpo-adapter-of-another-base", lambda W, tmp: (grpo(W, tmp / "out", None, "--finetune", "lora", "--adapter",
+                                                          W.other_adapter), r"--adapter .*other_adapter was trained on")),
+    ("rl1-adapter-of-another-base", lambda W, tmp: (rl(W, tmp / "out", None, "--finetune", "lora", "--adapter",
+                                                       W.other_adapter), r"--adapter .*other_adapter was trained on")),
+    ("eval-adapter-of-another-base", lambda W, tmp: (
+        ("eval.py", "--protocol", "chain", "--questions", W.train, "--model", W.model, "--adapter", W.other_adapter,
+         "--out", tmp / "r.json", "--image_root", W.root), r"--adapter .*other_adapter was trained on")),
     # --- pairs from candidates
     ("filter-score-not-a-number", lambda W, tmp: (filter_pairs(tmp / "p.jsonl", bad_score(W, tmp, s_R="high")),
                                                   r"cands\.jsonl:3: question 'train-2': candidate 0: s_R must be a "
@@ -549,14 +559,21 @@ def hold(path):
     return f
 
 
-@pytest.mark.parametrize("stage", ["sft", "gen_pairs", "infer"])
+SECOND_RUNS = {  # stage -> (command on tmp's output, the lock a first run holds)
+    "sft": lambda W, tmp: (sft(W, tmp / "out"), tmp / "out" / "run.lock"),
+    "rl_stage1": lambda W, tmp: (rl(W, tmp / "out"), tmp / "out" / "run.lock"),
+    "grpo": lambda W, tmp: (grpo(W, tmp / "out"), tmp / "out" / "run.lock"),
+    "gen_pairs": lambda W, tmp: (gen_pairs(W, tmp / "o.jsonl"), tmp / "o.jsonl.lock"),
+    "infer": lambda W, tmp: (infer(W, tmp / "o.jsonl"), tmp / "o.jsonl.lock"),
+    "filter_pairs": lambda W, tmp: (filter_pairs(tmp / "o.jsonl", W.cands), tmp / "o.jsonl.lock"),
+    "eval": lambda W, tmp: (evaluate(W, tmp / "o.jsonl", "chain", W.train, W.train), tmp / "o.jsonl.lock"),
+}
+
+
+@pytest.mark.parametrize("stage", SECOND_RUNS)
 def test_a_second_run_on_the_same_output_is_refused_with_the_first_ones_pid(run, world, tmp_path, stage):
-    if stage == "sft":
-        (tmp_path / "out").mkdir()
-        lock, command = tmp_path / "out" / "run.lock", sft(world, tmp_path / "out")
-    else:
-        lock = tmp_path / "o.jsonl.lock"
-        command = (gen_pairs if stage == "gen_pairs" else infer)(world, tmp_path / "o.jsonl")
+    command, lock = SECOND_RUNS[stage](world, tmp_path)
+    lock.parent.mkdir(exist_ok=True)
     with hold(lock):
         p = run(*command)
     assert p.rc == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
