@@ -127,6 +127,8 @@ def parse_args(argv=None):
         parser.error("give either --predictions or --model")
     if args.box_format == "native" and not args.model:
         parser.error("--box_format native takes the format of --model's family: name the format of --predictions")
+    if args.protocol == "viscot-det" and args.box_format not in ("viscot", "native"):
+        parser.error(VISCOT_DET_FORMAT.format(args.box_format))
     if args.predictions and len(args.predictions) != len(args.questions):
         parser.error(f"{len(args.questions)} --questions files but {len(args.predictions)} --predictions files")
     if args.judge == "http" and not (args.judge_url and args.judge_model):
@@ -937,6 +939,11 @@ def check_outputs(args, items_file, pred_dir):
         raise common.DataError(f"--predictions_dir {pred_dir}: a file, not a directory")
 
 
+# Visual-CoT's detection scorer reads its own box text; a model run in another format scored 0 on every box.
+VISCOT_DET_FORMAT = ("--protocol viscot-det scores Visual-CoT's box text (--box_format viscot), not {}: score "
+                     "another format with --protocol grounding")
+
+
 def main(argv=None):
     args = parse_args(argv)
     items_file = items_path(args.out)
@@ -946,7 +953,8 @@ def main(argv=None):
     per_dataset, settings, items = {}, {}, []
     if args.model:
         common.check_model_args(args)
-        common.resolve_box_format(args)
+        if common.resolve_box_format(args) != "viscot" and args.protocol == "viscot-det":
+            raise common.DataError(VISCOT_DET_FORMAT.format(f"{args.box_format} (--model's native format)"))
         processor = common.load_processor(args.model)
         model = common.load_model(args.model, common.resolve_dtype(args.dtype), args.attn, args.adapter).eval()
         if torch.cuda.is_available():

@@ -503,6 +503,14 @@ CASES = [
         r"\(\w+Error: ")),
     ("eval-out-under-a-file", lambda W, tmp: (evaluate(W, file_at(tmp / "f") / "r.json", "chain", W.train, W.train),
                                               r"--out .*f: cannot create it")),
+    ("eval-viscot-det-in-another-format", lambda W, tmp: (evaluate(W, tmp / "r.json", "viscot-det", W.train, W.train)
+                                                          + ("--box_format", "qwen3"),
+                                                          r"--protocol viscot-det scores Visual-CoT's box text "
+                                                          r"\(--box_format viscot\), not qwen3")),
+    ("eval-viscot-det-model-native-format", lambda W, tmp: (
+        ("eval.py", "--protocol", "viscot-det", "--questions", W.train, "--model", W.model, "--box_format", "native",
+         "--out", tmp / "r.json"), r"not qwen2 \(--model's native format\): score another format with --protocol "
+                                   r"grounding")),
     ("eval-batch-size-0", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                           + ("--batch_size", "0"), r"argument --batch_size: 0")),
     # --- merge

@@ -169,7 +169,13 @@ def test_generate_batched_equals_one_by_one(loaded, toy, family):
     """Left-padded batched generation equals each prompt alone: padding leaks into nothing (for Qwen3.5, not
     into the linear-attention layers' recurrent and convolution state either)."""
     model, processor = loaded[family]
-    exs = [Example(r, str(toy / "data"), common.focus_messages(r["question"])) for r in records(toy)[:3]]
+    root, recs = str(toy / "data"), records(toy)[:3]
+    # prompts of four lengths (every toy question tokenizes alike: longer wording, and a second image), so the
+    # batch left-pads every prompt but the longest
+    exs = [Example(r, root, common.focus_messages(r["question"] + " Look closely." * k)) for k, r in enumerate(recs)]
+    exs.append(Example(recs[0], root, common.answer_messages(recs[0]["question"]),
+                       crop=common.crop_box(recs[0]["bbox"], 224, 168, common.token_pixels(processor))))
+    assert len({len(common.encode(processor, ex, ex.images())["input_ids"]) for ex in exs}) == 4
     batched = common.generate(model, processor, exs, max_new_tokens=8)
     single = [common.generate(model, processor, [ex], max_new_tokens=8)[0] for ex in exs]
     assert batched == single

@@ -19,7 +19,8 @@ or with --distractors unnamed, pipeline.sh's world, a cross or a ring: shapes no
 in its cell on a pale tile whose tint says which cell it is (the tiny model reads position off the tint).
 "What shape is the red object?" The processor shows the model the full image at half resolution (max_pixels =
 112 x 84: 12 vision tokens, a shape 8 pixels wide) and a crop at least 28 pixels wide upscaled to 56 (the shape
-32 pixels wide): the detail is in the crop, so the answer depends on where the model looks.
+32 pixels wide; the Qwen3 families' toys: 32 and 64, at 128 x 96): the detail is in the crop, so the answer
+depends on where the model looks.
 
 The regime (the papers' premises): box annotations are few and do not say where the answer is (in a scene
 with distractors, a training record's box is any of its objects, as from an annotator who boxed something in
