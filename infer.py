@@ -517,6 +517,8 @@ def make_handler(server):
             self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
 
         def do_GET(self):
+            if self.headers.get_all("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+                self.close_connection = True  # a body a GET carries is not read: it must not be read as a request
             if self.path.rstrip("/") == "/v1/models":
                 self._send(200, server.models())
             elif self.path.rstrip("/") == "/health":

@@ -391,6 +391,10 @@ def test_an_unread_body_is_never_read_as_the_next_request(srv):
     replies = raw_replies(srv.port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
                           + SMUGGLED)
     assert replies.startswith(b"HTTP/1.1 404") and replies.count(b"HTTP/1.1 ") == 1, replies
+    # Nor is a body a GET carries: the answer comes, then the connection closes.
+    for framing in (b"Content-Length: 2\r\n\r\n{}", b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"):
+        replies = raw_replies(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + framing + SMUGGLED)
+        assert replies.startswith(b"HTTP/1.1 200") and replies.count(b"HTTP/1.1 ") == 1, replies
 
 
 def test_keep_alive_after_an_error(srv):
