@@ -6,6 +6,7 @@
 #   TWO_LOOKS=0.1 bash tools/zoom_world.sh   # a cold start: only 10 % of the zoom SFT traces show the second look
 #   TRACE_TILES=any bash tools/zoom_world.sh  # the training traces and boxes look at any tile, not the asked one's
 #   TWO_LOOKS=0.1 BETA=0.04 RL_STEPS=120 bash tools/zoom_world.sh   # GRPO's KL weight and steps (default 0.2, 40)
+#   ARMS=zoom TWO_LOOKS=0.4 RL_STEPS=120 bash tools/zoom_world.sh   # one arm only (default: focus,zoom)
 #   BOX_DECIMALS=3 bash tools/zoom_world.sh  # the SFT box texts' decimals (default 2: in the full view's frame a
 #                                            # step is 18 pixels, more than the 12-pixel shape; in a tile's, 4.5)
 # The two arms run side by side, one thread each: the focus chain (two-step SFT on the shape's box, then GRPO
@@ -22,6 +23,10 @@ TRACE_TILES=${TRACE_TILES:-target}
 BETA=${BETA:-0.2}
 RL_STEPS=${RL_STEPS:-40}
 BOX_DECIMALS=${BOX_DECIMALS:-2}
+ARMS=${ARMS:-focus,zoom}
+for arm in ${ARMS//,/ }; do
+    case $arm in focus|zoom) ;; *) echo "ARMS: unknown arm '$arm' (focus, zoom)" >&2; exit 2 ;; esac
+done
 PY=${PYTHON:-python}
 DATA=$OUT/world/data
 fresh_out "$OUT"
@@ -55,16 +60,24 @@ zoom() {
     $PY eval.py --protocol zoom --model "$OUT/grpo_zoom/final" --max_new_tokens 48 --max_turns 3 \
         --label "GRPO (zoom)" --out "$OUT/eval/grpo_zoom.json" $EVAL
 }
-echo "=== focus chain and zoom loop, side by side (logs: $OUT/logs) ==="
-(export OMP_NUM_THREADS=1; focus > "$OUT/logs/focus.log" 2>&1) & F=$!
-(export OMP_NUM_THREADS=1; zoom > "$OUT/logs/zoom.log" 2>&1) & Z=$!
-trap 'kill $F $Z 2> /dev/null || true' EXIT  # an arm that failed stops the other, which would run on for minutes
-wait $F || { tail -n 30 "$OUT/logs/focus.log" >&2; exit 1; }
-wait $Z || { tail -n 30 "$OUT/logs/zoom.log" >&2; exit 1; }
+echo "=== arms $ARMS, side by side (logs: $OUT/logs) ==="
+pids=()
+for arm in ${ARMS//,/ }; do
+    (export OMP_NUM_THREADS=1; $arm > "$OUT/logs/$arm.log" 2>&1) & pids+=($!)
+done
+trap 'kill "${pids[@]}" 2> /dev/null || true' EXIT  # an arm that failed stops the other, which would run on for minutes
+k=0
+for arm in ${ARMS//,/ }; do
+    wait "${pids[$k]}" || { tail -n 30 "$OUT/logs/$arm.log" >&2; exit 1; }
+    k=$((k + 1))
+done
 trap - EXIT
 
 printf '\nOn %s held-out questions, %d s:\n\n' "$(wc -l < "$DATA/test.jsonl")" $((SECONDS - T0))
 E=$OUT/eval
-$PY tools/compare.py "$E/sft_focus.json" "$E/grpo_focus.json" "$E/sft_zoom.json" "$E/grpo_zoom.json" \
-    --diff "zoom SFT" "two-step SFT" --diff "GRPO (zoom)" "GRPO (focus)" --diff "GRPO (focus)" "two-step SFT" \
-    --diff "GRPO (zoom)" "zoom SFT"
+reports=() diffs=()
+[[ ,$ARMS, == *,focus,* ]] && reports+=("$E/sft_focus.json" "$E/grpo_focus.json") \
+    && diffs+=(--diff "GRPO (focus)" "two-step SFT")
+[[ ,$ARMS, == *,zoom,* ]] && reports+=("$E/sft_zoom.json" "$E/grpo_zoom.json") && diffs+=(--diff "GRPO (zoom)" "zoom SFT")
+[ ${#reports[@]} = 4 ] && diffs+=(--diff "zoom SFT" "two-step SFT" --diff "GRPO (zoom)" "GRPO (focus)")
+$PY tools/compare.py "${reports[@]}" "${diffs[@]}"
