@@ -18,7 +18,8 @@ Tasks (--task) and their default rewards (--rewards, weights --reward_weights):
   detection       Visual-RFT detection: format, det_iou, det_confidence (its published parser and matching,
                   quirks kept; det_*_strict: our strict parser); `solution` holds the boxes
   classification  Visual-RFT classification: format, cls (exact, non-empty; cls_virft: its published
-                  substring rule, which an empty answer wins); `solution` holds the label
+                  substring rule, which an empty answer wins); `solution` holds the label. --math_verify puts
+                  the published rewards' symbolic check (math_verify) before det_iou, det_confidence, cls_virft
   grounding       one box (our `bbox` in pixels, or a `solution` box in --box_format): grounding_giou
   focus           VisRL's chain as one rollout: box (step 1) -> crop -> answer (step 2); reward: answer
                   (rule judge on the record's answer). Both steps' tokens get the rollout's advantage; an
@@ -78,6 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--rewards", default=None, help="comma-separated reward functions (default: the task's)")
     g.add_argument("--reward_weights", default=None, help="comma-separated weights (default: all 1)")
     g.add_argument("--rule_metric", default="f1", choices=sorted(common.RULE_JUDGES), help="the answer reward's judge")
+    g.add_argument("--math_verify", action="store_true",
+                   help="det_iou, det_confidence, cls_virft: first ask math_verify, as Visual-RFT's rewards do (1 "
+                        "when it finds the completion equal to the solution); needs `pip install math-verify`")
     g.add_argument("--box_format", default="viscot", choices=common.BOX_FORMAT_CHOICES,
                    help="box text format (SPEC 3); native: the model family's")
     g.add_argument("--prompt_set", default="visrl", choices=sorted(common.PROMPT_SETS), help="prompt wording")
@@ -131,6 +135,13 @@ def parse_args(argv=None):
     zoom_only = [n for n in args.rewards if n in ("zoom_used", "zoom_tool", "zoom_format")]
     if zoom_only and args.task != "zoom":
         parser.error(f"reward(s) {zoom_only} score zoom calls: only --task zoom makes any")
+    if args.math_verify:
+        if not set(args.rewards) & set(SYMBOLIC_FIRST):
+            parser.error(f"--math_verify applies to the {', '.join(SYMBOLIC_FIRST)} rewards, none of them in --rewards")
+        try:
+            import math_verify  # noqa: F401 - checked here, used by symbolic_match
+        except ImportError:
+            parser.error("--math_verify needs the math-verify package: pip install math-verify")
     try:
         args.reward_weights = [common.finite_number(float(w), "--reward_weights", "each weight")
                                for w in (args.reward_weights or ",".join(["1"] * len(args.rewards))).split(",")]
@@ -208,6 +219,28 @@ def virft_matches(completion, solution):
     return out, len(gt)
 
 
+def symbolic_match(completions, solution):
+    """What Visual-RFT's det and cls rewards try first (--math_verify): math_verify's verify(parse(completion),
+    parse(solution)), any error read as no. Its parse pulls one number or expression out of free text, so a
+    box that shares a coordinate with the solution's, or 'Boeing 747-400' against 'Boeing 747-100', counts as
+    equal and earns the full reward."""
+    from math_verify import parse, verify
+    out = []
+    for c, sol in zip(completions, solution):
+        try:
+            out.append(float(verify(parse(c), parse(sol))) > 0)
+        except Exception:  # noqa: BLE001 - the published code reads any failure as "not equal"
+            out.append(False)
+    return out
+
+
+def symbolic_first(scores, completions, solution, math_verify):
+    """scores, with 1 wherever --math_verify's symbolic_match holds (the published order: that check first)."""
+    if not math_verify:
+        return scores
+    return [1.0 if same else v for v, same in zip(scores, symbolic_match(completions, solution))]
+
+
 def _virft_detection_scores(completions, solution, which):
     scores = []
     for c, sol in zip(completions, solution):
@@ -227,16 +260,17 @@ def _virft_detection_scores(completions, solution, which):
     return scores
 
 
-def det_iou_reward(completions, solution, **_):
+def det_iou_reward(completions, solution, math_verify=False, **_):
     """Visual-RFT's det IoU reward, as published: sum of matched IoUs / max(#ground truth, #predictions),
     capped at 1; an empty list, 'No Objects' or anything unreadable scores 0."""
-    return _virft_detection_scores(completions, solution, "iou")
+    return symbolic_first(_virft_detection_scores(completions, solution, "iou"), completions, solution, math_verify)
 
 
-def det_confidence_reward(completions, solution, **_):
+def det_confidence_reward(completions, solution, math_verify=False, **_):
     """Visual-RFT's det confidence reward, as published: mean over predictions of the confidence when
     matched, 1 - confidence when not, clipped to [0, 1] (confidences as given, not clipped one by one)."""
-    return _virft_detection_scores(completions, solution, "confidence")
+    return symbolic_first(_virft_detection_scores(completions, solution, "confidence"), completions, solution,
+                          math_verify)
 
 
 def match_detections(pred, gt):
@@ -294,17 +328,17 @@ def cls_reward(completions, solution=None, answer=None, **_):
     return out
 
 
-def cls_virft_reward(completions, solution=None, answer=None, **_):
+def cls_virft_reward(completions, solution=None, answer=None, math_verify=False, **_):
     """Visual-RFT's classification reward, as published: the first single-line <answer> content of the
     completion (else the whole completion) and of the label, stripped, then common.virft_class_match --
     substring credit either way, so an empty answer scores 1 (a reward a policy learns to hack)."""
-    out = []
-    for c, label in zip(completions, _first_given(solution, answer, len(completions))):
+    out, labels = [], _first_given(solution, answer, len(completions))
+    for c, label in zip(completions, labels):
         c, label = (v if isinstance(v, str) else "" for v in (c, label))
         found, want = common.virft_answer(c), common.virft_answer(label)
         out.append(float(common.virft_class_match((c if found is None else found).strip(),
                                                   (label if want is None else want).strip())))
-    return out
+    return symbolic_first(out, completions, labels, math_verify)
 
 
 def _grounding_pairs(completions, bbox, solution, width, height, resized_hw, box_format):
@@ -363,6 +397,7 @@ REWARDS = {"format": format_reward, "det_iou": det_iou_reward, "det_confidence":
            "cls": cls_reward, "cls_virft": cls_virft_reward, "grounding_giou": grounding_giou_reward,
            "grounding_iou": grounding_iou_reward, "answer": answer_reward, "zoom_used": zoom_used_reward,
            "zoom_tool": zoom_tool_reward, "zoom_format": zoom_format_reward}
+SYMBOLIC_FIRST = ("det_iou", "det_confidence", "cls_virft")  # the published rewards that try math_verify first
 # The record fields each reward reads (one of them must be given): read_prompts checks every record up front,
 # so a reward that does not fit the data is refused by name instead of failing at its first step.
 REWARD_FIELDS = {"det_iou": ("solution",), "det_confidence": ("solution",), "det_iou_strict": ("solution",),
@@ -538,7 +573,8 @@ def score(rollouts, prompts, args):
     usable = [not r["invalid"] and r.get("answered", True) and (args.task != "focus" or r["box"] is not None)
               for r in rollouts]
     per_fn = {name: [v if ok else 0.0 for v, ok in zip(REWARDS[name](completions, **fields, box_format=args.box_format,
-                                                                      rule_metric=args.rule_metric), usable)]
+                                                                      rule_metric=args.rule_metric,
+                                                                      math_verify=args.math_verify), usable)]
               for name in args.rewards}
     total = [sum(w * per_fn[n][k] for n, w in zip(args.rewards, args.reward_weights)) for k in range(len(rollouts))]
     return per_fn, total

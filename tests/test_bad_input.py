@@ -357,6 +357,9 @@ CASES = [
                                                        r"--max_context only apply to --mode zoom and --serve")),
     ("eval-max-turns-without-zoom", lambda W, tmp: (evaluate(W, tmp / "r.json", "chain", W.train, W.train)
                                                     + ("--max_turns", "2"), r"--max_turns only apply to --protocol zoom")),
+    ("grpo-math-verify-without-its-rewards", lambda W, tmp: (grpo(W, tmp / "out", None, "--math_verify"),
+                                                             r"--math_verify applies to the det_iou, det_confidence, "
+                                                             r"cls_virft rewards, none of them in --rewards")),
     ("grpo-temperature-0", lambda W, tmp: (grpo(W, tmp / "out", None, "--temperature", "0"),
                                            r"argument --temperature: 0 is outside \[1e-05, inf\)")),
     ("grpo-one-generation", lambda W, tmp: (grpo(W, tmp / "out", None, "--num_generations", "1"),

@@ -255,7 +255,7 @@ def policy(toy):
 def rollout_args(**kw):
     return SimpleNamespace(**{"task": "grounding", "prompt_set": "visrl", "box_format": "viscot", "max_new_tokens": 6,
                               "temperature": 1.0, "rewards": ["grounding_iou"], "reward_weights": [1.0],
-                              "rule_metric": "f1", "box_must_end": True, **kw})
+                              "rule_metric": "f1", "box_must_end": True, "math_verify": False, **kw})
 
 
 def test_rollouts_stay_aligned_with_their_prompts_and_images(toy, policy):

@@ -298,3 +298,32 @@ def test_readings_never_raise():
         grpo.REWARDS["det_iou"]([t], solution=[GT1])
         grpo.REWARDS["cls_virft"]([t], solution=["cat"])
     json.dumps(common.virft_coco_detections("<answer>[" + "[" * 5000 + "</answer>", W, H))
+
+
+# ------------------------------------------------------------------ the symbolic check first (--math_verify)
+# Published accuracy_reward_iou / _confidence and grpo_classification's accuracy_reward first run
+# `answer = parse(content); if float(verify(answer, parse(sol))) > 0: reward = 1.0` (math_verify; any exception:
+# go on), and read the text only when that gave 0. parse takes one number out of free text.
+
+DET_SOL = f"<answer>[{item([254, 303, 291, 365], 1)}, {item([500, 500, 600, 600], 1)}]</answer>"
+
+
+@pytest.mark.parametrize("reward,text,sol,published,without", [
+    # a box sharing one number (303) with the solution: parse finds 303 in both
+    ("det_iou", f"<think>x</think> <answer>[{item([900, 303, 950, 310], 0.1)}]</answer>", DET_SOL, 1.0, 0.0),
+    ("det_confidence", f"<think>x</think> <answer>[{item([900, 303, 950, 310], 0.1)}]</answer>", DET_SOL, 1.0, 0.9),
+    ("det_iou", f"<answer>[{item([0, 0, 10, 10], 0.5)}]</answer>", DET_SOL, 0.0, 0.0),  # nothing shared
+    ("cls_virft", "<answer>Boeing 747-400</answer>", "<answer>Boeing 747-100</answer>", 1.0, 0.0),  # both 747
+    ("cls_virft", "<answer>cat</answer>", "<answer>dog</answer>", 0.0, 0.0),      # no number: text rule alone
+    ("cls_virft", "<answer>red fox</answer>", "<answer>Red_Fox</answer>", 1.0, 1.0),
+])
+def test_math_verify_first_as_published(reward, text, sol, published, without):
+    assert grpo.REWARDS[reward]([text], solution=[sol], math_verify=True) == [pytest.approx(published)]
+    assert grpo.REWARDS[reward]([text], solution=[sol]) == [pytest.approx(without)]  # the default: text only
+
+
+def test_math_verify_flag_is_checked():
+    base = ["--data", "x", "--model", "x", "--output_dir", "x", "--math_verify"]
+    assert grpo.parse_args(base + ["--task", "detection"]).math_verify
+    with pytest.raises(SystemExit):  # no reward it applies to
+        grpo.parse_args(base + ["--task", "grounding"])
