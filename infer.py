@@ -606,6 +606,9 @@ def main(argv=None):
     for rec in records if args.mode == "gt_box" else []:  # before any model work: mid-run, a partial file is left
         if rec.get("bbox") is None:
             raise common.DataError(f"{args.data}: record {rec['id']!r}: --mode gt_box needs a bbox")
+    image = None
+    if args.image:  # decoded before the model loads: a wrong path is one line, at once
+        image = common.load_image({"id": "cli", "image": os.path.abspath(args.image)}, None)
     common.check_model_args(args)
     common.resolve_box_format(args)
     processor = common.load_processor(args.model)
@@ -622,7 +625,7 @@ def main(argv=None):
                     **({"max_turns": args.max_turns, "max_context": args.max_context} if args.mode == "zoom" else {}))
     if args.image:
         rec = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question}
-        print(json.dumps(run_batch(model, processor, [rec], [common.load_image(rec, None)], **chain_kw)[0]))
+        print(json.dumps(run_batch(model, processor, [rec], [image], **chain_kw)[0]))
         return
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     made_by = dict(common.model_stamp(args), **chain_kw, seed=args.seed, max_pixels=args.max_pixels,

@@ -98,7 +98,7 @@ def written_files(out):
 def check_base(args):
     """Refuse an adapter recorded as trained on other weights than --model's."""
     if not os.path.exists(os.path.join(args.adapter, "adapter_config.json")):
-        fail(f"{args.adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        fail(f"--adapter {args.adapter} is not a PEFT adapter directory (no adapter_config.json)")
     common.check_model_path(args.model)
     if not os.path.exists(os.path.join(args.adapter, "adapter_base.json")):
         print(f"merge.py: {args.adapter} does not record its base (not written by our stages): "
