@@ -1576,9 +1576,9 @@ def zoom_conversations(model, processor, encoded, images, features, box_format, 
     full image, features[k] that image's features. Conversations that open the same view of the same image
     (samples of one prompt often do) share one crop and one encode of it. A conversation ends at a turn without
     a zoom call (the answer), at an invalid call, at a vision token, at a turn cut by max_new_tokens (an answer
-    if it holds no call, else an invalid call, closed or not), after max_turns turns, or at a call whose view would leave no room for a next turn of max_new_tokens within
-    max_context tokens (the whole conversation: prompt, images and turns; the first turn always runs), so no
-    conversation grows past max_context.
+    if it holds no call, else an invalid call, closed or not), after max_turns turns, or at a call whose view
+    would leave no room for a next turn of max_new_tokens within max_context tokens (the whole conversation:
+    prompt, images and turns; the first turn always runs), so no conversation grows past max_context.
 
     Returns, per conversation: enc (everything before its last turn, earlier turns labelled), ids (the last
     turn), text (the last turn, decoded), stopped (the last turn ended with EOS), images and features (every

@@ -91,7 +91,8 @@ def parse_args(argv=None):
     j.add_argument("--judge", default="rule", choices=["rule", "http", "model"], help="who scores answers")
     j.add_argument("--rule_metric", default="exact", choices=sorted(common.RULE_JUDGES),
                    help="rule judge: normalised exact match, token F1 or ANLS")
-    j.add_argument("--judge_url", type=common.http_url, default=None, help="http judge: endpoint base, e.g. http://127.0.0.1:8000/v1")
+    j.add_argument("--judge_url", type=common.http_url, default=None,
+                   help="http judge: endpoint base, e.g. http://127.0.0.1:8000/v1")
     j.add_argument("--judge_model", default=None, help="http judge: model name; model judge: checkpoint directory")
     j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="http judge: env var holding the API key")
     j.add_argument("--judge_workers", type=common.POSITIVE_INT, default=8, help="http judge: concurrent requests")

@@ -95,7 +95,8 @@ def parse_args(argv=None):
     j.add_argument("--ignore_bbox", action="store_true",
                    help="rule: score crops without the records' annotated boxes (as on box-free data)")
     j.add_argument("--judge_model", default=None, help="model: checkpoint directory; http: the model name")
-    j.add_argument("--judge_url", type=common.http_url, default=None, help="http: endpoint base, e.g. http://127.0.0.1:8000/v1")
+    j.add_argument("--judge_url", type=common.http_url, default=None,
+                   help="http: endpoint base, e.g. http://127.0.0.1:8000/v1")
     j.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="http: env var holding the API key")
     j.add_argument("--judge_workers", type=common.POSITIVE_INT, default=16, help="http: concurrent requests")
     j.add_argument("--judge_retries", type=common.COUNT, default=3, help="http: retries per call (back-off 1, 2, 4 s)")

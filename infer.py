@@ -606,9 +606,8 @@ def main(argv=None):
     for rec in records if args.mode == "gt_box" else []:  # before any model work: mid-run, a partial file is left
         if rec.get("bbox") is None:
             raise common.DataError(f"{args.data}: record {rec['id']!r}: --mode gt_box needs a bbox")
-    image = None
-    if args.image:  # decoded before the model loads: a wrong path is one line, at once
-        image = common.load_image({"id": "cli", "image": os.path.abspath(args.image)}, None)
+    cli = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question} if args.image else None
+    cli_image = common.load_image(cli, None) if cli else None  # before the model loads: a wrong path fails at once
     common.check_model_args(args)
     common.resolve_box_format(args)
     processor = common.load_processor(args.model)
@@ -623,9 +622,8 @@ def main(argv=None):
     chain_kw = dict(mode=args.mode, box_format=args.box_format, prompt_set=args.prompt_set,
                     max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                     **({"max_turns": args.max_turns, "max_context": args.max_context} if args.mode == "zoom" else {}))
-    if args.image:
-        rec = {"id": "cli", "image": os.path.abspath(args.image), "question": args.question}
-        print(json.dumps(run_batch(model, processor, [rec], [image], **chain_kw)[0]))
+    if cli:
+        print(json.dumps(run_batch(model, processor, [cli], [cli_image], **chain_kw)[0]))
         return
     image_root = args.image_root or os.path.dirname(os.path.abspath(args.data))
     made_by = dict(common.model_stamp(args), **chain_kw, seed=args.seed, max_pixels=args.max_pixels,

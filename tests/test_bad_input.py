@@ -350,7 +350,8 @@ CASES = [
                                           r"bad\.jsonl:7: duplicate id 'train-0'")),
     ("grpo-empty-prompts", lambda W, tmp: (grpo(W, tmp / "out", lines_with(tmp / "bad.jsonl", [])), r"no prompts")),
     ("grpo-zoom-reward-without-zoom", lambda W, tmp: (grpo(W, tmp / "out", None, "--rewards", "answer,zoom_tool"),
-                                                      r"reward\(s\) \['zoom_tool'\] score zoom calls: only --task zoom")),
+                                                      r"reward\(s\) \['zoom_tool'\] score zoom calls: only --task "
+                                                      r"zoom")),
     ("grpo-max-turns-without-zoom", lambda W, tmp: (grpo(W, tmp / "out", None, "--max_turns", "5"),
                                                     r"--max_turns only apply to --task zoom")),
     ("infer-max-context-without-zoom", lambda W, tmp: (infer(W, tmp / "p.jsonl", None, "--max_context", "500"),
@@ -425,7 +426,8 @@ CASES = [
                                                                     W.other_adapter), r"--adapter .*other_adapter was "
                                                                                       r"trained on")),
     ("grpo-adapter-of-another-base", lambda W, tmp: (grpo(W, tmp / "out", None, "--finetune", "lora", "--adapter",
-                                                          W.other_adapter), r"--adapter .*other_adapter was trained on")),
+                                                          W.other_adapter),
+                                                     r"--adapter .*other_adapter was trained on")),
     ("rl1-adapter-of-another-base", lambda W, tmp: (rl(W, tmp / "out", None, "--finetune", "lora", "--adapter",
                                                        W.other_adapter), r"--adapter .*other_adapter was trained on")),
     ("eval-adapter-of-another-base", lambda W, tmp: (

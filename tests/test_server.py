@@ -467,7 +467,8 @@ def test_a_request_s_images_are_capped_together_before_any_is_decoded(srv, monke
         {"role": "user", "content": [image_part(at_image_cap), image_part(at_image_cap), text_part()]}]}
     status, reply = post(srv.port, over)
     assert_error(status, reply, 413)
-    assert "--max_request_pixels" in reply["error"]["message"] and str(4 * MAX_IMAGE_PIXELS) in reply["error"]["message"]
+    message = reply["error"]["message"]
+    assert "--max_request_pixels" in message and str(4 * MAX_IMAGE_PIXELS) in message
     status, reply = post(srv.port, chat([image_part(small)] * (MAX_IMAGES + 1) + [text_part()]))
     assert_error(status, reply, 413)
     assert "--max_images" in reply["error"]["message"]

@@ -78,6 +78,7 @@ E=$OUT/eval
 reports=() diffs=()
 [[ ,$ARMS, == *,focus,* ]] && reports+=("$E/sft_focus.json" "$E/grpo_focus.json") \
     && diffs+=(--diff "GRPO (focus)" "two-step SFT")
-[[ ,$ARMS, == *,zoom,* ]] && reports+=("$E/sft_zoom.json" "$E/grpo_zoom.json") && diffs+=(--diff "GRPO (zoom)" "zoom SFT")
+[[ ,$ARMS, == *,zoom,* ]] && reports+=("$E/sft_zoom.json" "$E/grpo_zoom.json") \
+    && diffs+=(--diff "GRPO (zoom)" "zoom SFT")
 [ ${#reports[@]} = 4 ] && diffs+=(--diff "zoom SFT" "two-step SFT" --diff "GRPO (zoom)" "GRPO (focus)")
 $PY tools/compare.py "${reports[@]}" "${diffs[@]}"
